@@ -1,0 +1,394 @@
+"""Reading source files: one parser per format, and byte-range chunks for parallel reads.
+
+A parser turns the lines of one byte range into :class:`Parsed` records and
+:class:`Rejected` lines, in file order. Line numbers are 1-based and count every line
+of the file (blank ones too), so a rejection can be found with ``sed -n Np``.
+Parquet files and saved Hugging Face datasets (``instructions`` only) are read by row
+batches instead; their "line" is the 1-based row number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
+
+from bioray.corpus.templates import NLI_LABELS
+
+# IOB2 tags: O, or B/I with an optional type (B-Disease, I-protein, B).
+_TAG = re.compile(r"(?:([BI])(?:-(\S+))?|O)")
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_TSV_SUFFIXES = (".tsv", ".txt")
+
+
+class Parsed(NamedTuple):
+    """An accepted record before ids and instructions are attached."""
+
+    line: int
+    input: str
+    output: str
+    labels: tuple[str, ...]  # answer words it uses (the manifest's label space)
+    instruction: Optional[str] = None  # instructions format: the record's own
+
+
+class Rejected(NamedTuple):
+    """A line (or sentence, for iob: its first bad line) that did not make a record."""
+
+    line: int
+    reason: str
+
+
+# ---------------------------------------------------------------- layouts and chunks
+
+
+def layout(fmt: str, path: Path) -> str:
+    """How a source file is read: iob | jsonl | tsv | parquet | hf_dataset.
+
+    ``re_masked`` goes by suffix (.jsonl/.json/.ndjson or .tsv/.txt), else sniffs the
+    first non-blank byte (``{`` means JSON lines).
+    """
+    if fmt == "iob":
+        return "iob"
+    if fmt == "instructions":
+        if path.is_dir():
+            return "hf_dataset"
+        return "parquet" if path.suffix == ".parquet" else "jsonl"
+    if fmt != "re_masked" or path.suffix in _JSON_SUFFIXES:
+        return "jsonl"
+    if path.suffix in _TSV_SUFFIXES:
+        return "tsv"
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return "jsonl" if head.startswith(b"{") else "tsv"
+
+
+def splittable(lay: str) -> bool:
+    """Whether a file of this layout can be cut into byte ranges."""
+    return lay in ("iob", "jsonl", "tsv")
+
+
+def boundary(path: Path, offset: int, lay: str) -> int:
+    """The first record start at or after ``offset`` (the file size if there is none).
+
+    Lines are records for jsonl/tsv. For iob the boundary is the start of a blank line:
+    the sentence before it ends with its chunk, and the next chunk starts with a break.
+    """
+    if offset == 0:
+        return 0
+    with open(path, "rb") as f:
+        # Back up one byte so an offset that already sits at a line start is kept.
+        f.seek(offset - 1)
+        pos = offset - 1 + len(f.readline())
+        if lay != "iob":
+            return pos
+        for raw in f:
+            if not raw.strip():
+                return pos
+            pos += len(raw)
+        return pos
+
+
+def iter_lines(path: Path, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """Yields ``(line number, raw bytes)`` for the lines that start in [start, end)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos, n = start, first_line
+        for raw in f:
+            if pos >= end:
+                return
+            pos += len(raw)
+            yield n, raw
+            n += 1
+
+
+def _decode(n: int, raw: bytes) -> Optional[str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if n == 1:
+        text = text.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the data
+    return text.rstrip("\r\n")
+
+
+# ---------------------------------------------------------------- iob
+
+
+def parse_iob(lines: Iterable[tuple[int, bytes]], typed: bool) -> Iterator[Parsed | Rejected]:
+    """Sentences of ``token<TAB>tag`` lines; blank lines (any number) separate them.
+
+    ``-DOCSTART-`` lines are dropped (they also end a sentence). A sentence with any bad
+    line is rejected at its first bad line.
+    """
+    tokens: list[str] = []
+    tags: list[str] = []
+    first = 0
+    bad: Optional[Rejected] = None
+    for n, raw in lines:
+        text = _decode(n, raw)
+        if text is not None and (not text.strip() or _is_docstart(text)):
+            yield from _flush_sentence(first, tokens, tags, bad, typed)
+            tokens, tags, bad = [], [], None
+            continue
+        if not tokens and bad is None:
+            first = n
+        if bad is None:
+            bad = _iob_line(n, text, tokens, tags)
+    yield from _flush_sentence(first, tokens, tags, bad, typed)
+
+
+def _is_docstart(text: str) -> bool:
+    return text.startswith("-DOCSTART-") and text[10:11] in ("", "\t", " ")
+
+
+def _iob_line(n: int, text: Optional[str], tokens: list[str], tags: list[str]) -> Optional[Rejected]:
+    if text is None:
+        return Rejected(n, "not UTF-8 text")
+    cols = text.split("\t")
+    if len(cols) != 2:
+        return Rejected(n, f"expected 2 tab-separated columns (token, tag), got {len(cols)}")
+    token, tag = cols
+    if not token:
+        return Rejected(n, "empty token")
+    if token.split() != [token]:
+        # The input joins tokens with spaces; a token holding whitespace would split apart.
+        return Rejected(n, f"token {token!r} contains whitespace")
+    if not _TAG.fullmatch(tag):
+        return Rejected(n, f"tag {tag!r} is not IOB2 (expected O, B, I, B-TYPE or I-TYPE)")
+    tokens.append(token)
+    tags.append(tag)
+    return None
+
+
+def _flush_sentence(first: int, tokens: list[str], tags: list[str], bad: Optional[Rejected],
+                    typed: bool) -> Iterator[Parsed | Rejected]:
+    if bad is not None:
+        yield bad
+    elif tokens:
+        out = repair_tags(tags, typed)
+        answer = "\n".join(f"{t} : {g}" for t, g in zip(tokens, out))
+        yield Parsed(first, " ".join(tokens), answer, tuple(sorted(set(out))))
+
+
+def repair_tags(tags: list[str], typed: bool) -> list[str]:
+    """IOB2 tags as seqeval reads them, types kept (typed) or dropped.
+
+    An I that follows O, starts the sentence, or changes type opens an entity in seqeval,
+    so it is written as B. Types are compared on the raw tags even when dropped, so two
+    adjacent entities of different types stay two entities.
+    """
+    out = []
+    prev: Optional[str] = None  # type of the entity the previous token is in; None = outside
+    for tag in tags:
+        if tag == "O":
+            out.append("O")
+            prev = None
+            continue
+        kind, kind_type = tag[0], tag[2:]
+        if kind == "I" and prev != kind_type:
+            kind = "B"
+        out.append(f"{kind}-{kind_type}" if typed and kind_type else kind)
+        prev = kind_type
+    return out
+
+
+# ---------------------------------------------------------------- line formats
+
+
+def _label_text(value: Any) -> Optional[str]:
+    # Labels match the map's keys by text: 0 and "0" both match the YAML key 0.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    return None
+
+
+def _label_map(labels: Optional[dict]) -> Optional[dict[str, str]]:
+    return None if labels is None else {str(k): v for k, v in labels.items()}
+
+
+def _json_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
+    """Yields ``(n, dict)`` per non-blank line, or ``(n, Rejected)``."""
+    for n, raw in lines:
+        text = _decode(n, raw)
+        if text is None:
+            yield n, Rejected(n, "not UTF-8 text")
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield n, Rejected(n, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield n, obj if isinstance(obj, dict) else Rejected(n, "expected a JSON object")
+
+
+def _tsv_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
+    """Yields ``(n, {"sentence", "label"})`` per non-blank ``sentence<TAB>label`` line."""
+    for n, raw in lines:
+        text = _decode(n, raw)
+        if text is None:
+            yield n, Rejected(n, "not UTF-8 text")
+            continue
+        if not text.strip():
+            continue
+        cols = text.split("\t")
+        if len(cols) != 2:
+            yield n, Rejected(n, f"expected 2 tab-separated columns (sentence, label), got {len(cols)}")
+        elif n == 1 and cols == ["sentence", "label"]:
+            continue  # a header row
+        else:
+            yield n, {"sentence": cols[0], "label": cols[1]}
+
+
+def _text_field(obj: dict, key: str, n: int) -> str | Rejected:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"not a string ({type(value).__name__})"
+        return Rejected(n, f"field {key!r} is {what}")
+    if not value.strip():
+        return Rejected(n, f"field {key!r} is empty")
+    return value
+
+
+def parse_re(rows: Iterable[tuple[int, Any]], labels: Optional[dict]) -> Iterator[Parsed | Rejected]:
+    """``{"sentence", "label"}`` rows; ``labels`` maps raw label text to answer words."""
+    mapping = _label_map(labels)
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        sentence = _text_field(obj, "sentence", n)
+        raw = _label_text(obj.get("label"))
+        if isinstance(sentence, Rejected):
+            yield sentence
+        elif raw is None or not raw.strip():
+            yield Rejected(n, "field 'label' is missing or not a string/number")
+        elif mapping is not None and raw not in mapping:
+            yield Rejected(n, f"label {raw!r} is not in the source's labels map {sorted(mapping)}")
+        else:
+            answer = mapping[raw] if mapping is not None else raw
+            yield Parsed(n, sentence, answer, (answer,))
+
+
+def parse_nli(rows: Iterable[tuple[int, Any]]) -> Iterator[Parsed | Rejected]:
+    """MedNLI rows; input is ``Premise: ...\\nHypothesis: ...``, output the gold label."""
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        s1, s2 = _text_field(obj, "sentence1", n), _text_field(obj, "sentence2", n)
+        gold = obj.get("gold_label")
+        if isinstance(s1, Rejected) or isinstance(s2, Rejected):
+            yield s1 if isinstance(s1, Rejected) else s2
+        elif gold not in NLI_LABELS:
+            # "-" marks pairs without annotator consensus (SNLI style): no gold answer.
+            yield Rejected(n, f"gold_label {gold!r} is not one of {', '.join(NLI_LABELS)}")
+        else:
+            yield Parsed(n, f"Premise: {s1}\nHypothesis: {s2}", gold, (gold,))
+
+
+def parse_multilabel(rows: Iterable[tuple[int, Any]], labels: Optional[dict],
+                     none_label: str) -> Iterator[Parsed | Rejected]:
+    """HoC rows ``{"text", "labels": [...]}``; output is the answer words joined by ", ".
+
+    Order: first appearance among the map's answer words, or alphabetical without a map.
+    """
+    mapping = _label_map(labels)
+    rank = {w: i for i, w in enumerate(dict.fromkeys(mapping.values()))} if mapping else None
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        text = _text_field(obj, "text", n)
+        raw = obj.get("labels")
+        if isinstance(text, Rejected):
+            yield text
+            continue
+        if not isinstance(raw, list):
+            yield Rejected(n, "field 'labels' is missing or not a list")
+            continue
+        words = _map_labels(n, raw, mapping)
+        if isinstance(words, Rejected):
+            yield words
+            continue
+        words = sorted(set(words), key=(lambda w: rank[w]) if rank else None)
+        answer = ", ".join(words) if words else none_label
+        yield Parsed(n, text, answer, tuple(words) or (none_label,))
+
+
+def _map_labels(n: int, raw: list, mapping: Optional[dict[str, str]]) -> list[str] | Rejected:
+    words = []
+    for value in raw:
+        label = _label_text(value)
+        if label is None or not label.strip():
+            return Rejected(n, f"label {value!r} is not a string or number")
+        if mapping is not None and label not in mapping:
+            return Rejected(n, f"label {label!r} is not in the source's labels map {sorted(mapping)}")
+        words.append(mapping[label] if mapping is not None else label)
+    return words
+
+
+def parse_instructions(rows: Iterable[tuple[int, Any]]) -> Iterator[Parsed | Rejected]:
+    """Published instruction records; an empty instruction gets one drawn from the set."""
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        missing = [k for k in ("instruction", "input", "output") if not isinstance(obj.get(k), str)]
+        if missing:
+            yield Rejected(n, f"field {missing[0]!r} is missing or not a string")
+        elif not obj["output"].strip():
+            yield Rejected(n, "field 'output' is empty")
+        else:
+            yield Parsed(n, obj["input"], obj["output"], (), obj["instruction"] or None)
+
+
+def table_rows(path: Path, lay: str, batch_rows: int) -> Iterator[tuple[int, Any]]:
+    """Yields ``(row number, dict)`` from a Parquet file or a saved HF dataset, in batches."""
+    if lay == "parquet":
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+    else:
+        import datasets
+
+        # Memory-mapped Arrow: batches stream without loading the dataset.
+        batches = datasets.load_from_disk(str(path)).with_format("arrow").iter(batch_size=batch_rows)
+    n = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def parse(fmt: str, lay: str, source: dict, rows_or_lines: Iterable) -> Iterator[Parsed | Rejected]:
+    """Parses lines (iob/jsonl/tsv layouts) or table rows with the source's format.
+
+    Args:
+        fmt: the source's format.
+        lay: the file's layout (:func:`layout`).
+        source: the source's config as a plain dict (it crosses to Ray tasks).
+        rows_or_lines: ``(line, raw bytes)`` pairs, or ``(row, dict)`` for tables.
+    """
+    if fmt == "iob":
+        return parse_iob(rows_or_lines, source["typed"])
+    if lay == "jsonl":
+        rows = _json_lines(rows_or_lines)
+    elif lay == "tsv":
+        rows = _tsv_lines(rows_or_lines)
+    else:
+        rows = rows_or_lines
+    if fmt == "re_masked":
+        return parse_re(rows, source["labels"])
+    if fmt == "nli":
+        return parse_nli(rows)
+    if fmt == "multilabel":
+        return parse_multilabel(rows, source["labels"], source["none_label"])
+    return parse_instructions(rows)

@@ -1,0 +1,324 @@
+"""Tokenise once (Ray Data, cached), mix sources by weight, and pack examples into sequences.
+
+Data flow: corpus Parquet -> ``tokenise`` (class UDF: each actor loads the tokenizer once) ->
+cache ``<cache>/tokenised/<key>/`` -> ``training_dataset`` (per-source sampling by
+``mixture.weights``, shuffle, first-fit-decreasing packing) -> ``ray.train`` shards.
+
+Packing happens in Ray Data, not in the worker: Ray Train's default ``streaming_split(equal=True)``
+gives every worker the same number of rows, so rows must already be training sequences for every
+worker to run the same number of batches (uneven batch counts hang the collectives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bioray.config import Config
+from bioray.errors import ConfigError, DataError
+
+log = logging.getLogger("bioray")
+
+TOKENISE_VERSION = "1"
+IGNORE_INDEX = -100  # labels value that the loss skips (transformers' convention)
+
+
+def encode_prompt(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, with BOS where the tokenizer has one (training and generation agree)."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [[bos, *x] for x in ids] if bos is not None else ids
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides how text becomes ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()
+
+
+class Tokenise:
+    """Ray Data class UDF: corpus records -> ``input_ids`` and ``labels`` (loss on the answer only)."""
+
+    def __init__(self, tokenizer_path: str, template: str, max_seq_len: int, overlong: str,
+                 trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        from bioray.corpus import render_prompt
+
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.render = render_prompt
+        self.template, self.max_len, self.overlong = template, max_seq_len, overlong
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pydict()
+        prompts = [self.render(self.template, i, x) for i, x in zip(rows["instruction"], rows["input"])]
+        prompt_ids = encode_prompt(self.tok, prompts)
+        answer_ids = self.tok(rows["output"], add_special_tokens=False)["input_ids"]
+        eos = self.tok.eos_token_id
+        keep, ids_out, labels_out, truncated = [], [], [], []
+        for k, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            a = [*a, eos]
+            cut = False
+            if len(p) + len(a) > self.max_len:
+                # Never cut the answer: drop the record, or cut the prompt's start (after BOS).
+                room = self.max_len - len(a) - 1
+                if self.overlong == "drop" or room < 8:
+                    continue
+                p, cut = p[:1] + p[len(p) - room:], True
+            keep.append(k)
+            ids_out.append(p + a)
+            labels_out.append([IGNORE_INDEX] * len(p) + a)
+            truncated.append(cut)
+        return pa.table({
+            "id": pa.array([rows["id"][k] for k in keep], pa.string()),
+            "source": pa.array([rows["source"][k] for k in keep], pa.string()),
+            "task": pa.array([rows["task"][k] for k in keep], pa.string()),
+            "input_ids": pa.array(ids_out, pa.list_(pa.int32())),
+            "labels": pa.array(labels_out, pa.list_(pa.int32())),
+            "truncated": pa.array(truncated, pa.bool_()),
+        })
+
+
+def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]:
+    """Tokenises the corpus's train split once, or reuses the cache.
+
+    Args:
+        cfg: The run's config.
+        corpus_dir: The built corpus.
+        base_path: Where the tokenizer loads from (the base model's folder or hub id).
+
+    Returns:
+        The cache folder and its meta (``meta["tokenised_now"]`` counts records tokenised by
+        this call: 0 on a cache hit).
+    """
+    import ray
+
+    from bioray.corpus import corpus_dataset, read_manifest
+    from bioray.model import cache_root, load_tokenizer
+
+    manifest = read_manifest(corpus_dir)
+    tokenizer = load_tokenizer(base_path, cfg)
+    key_parts = {
+        "version": TOKENISE_VERSION, "corpus": manifest["content_hash"], "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": cfg.corpus.template, "max_seq_len": cfg.data.max_seq_len, "overlong": cfg.data.overlong,
+    }
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    out = cache_root(cfg) / "tokenised" / key
+    if (out / "meta.json").is_file():
+        meta = json.loads((out / "meta.json").read_text())
+        log.info("tokenised cache hit: %s (%d records, nothing tokenised)", out, meta["records"])
+        return out, {**meta, "tokenised_now": 0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
+    start = time.time()
+    try:
+        ds = corpus_dataset(corpus_dir, split="train")
+        ds = ds.map_batches(
+            Tokenise,
+            fn_constructor_kwargs=dict(tokenizer_path=base_path, template=cfg.corpus.template,
+                                       max_seq_len=cfg.data.max_seq_len, overlong=cfg.data.overlong,
+                                       trust_remote_code=cfg.model.trust_remote_code),
+            batch_size=cfg.data.tokenise_batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenise_actors),
+            num_cpus=cfg.data.tokenise_cpus,
+        )
+        ds.write_parquet(str(tmp / "data"))
+        meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((out / "meta.json").read_text())
+    log.info("tokenised %d records (%.2f M tokens) in %.1fs -> %s", meta["records"], meta["tokens"] / 1e6,
+             meta["seconds"], out)
+    return out, {**meta, "tokenised_now": meta["records"]}
+
+
+def _cache_meta(data_dir: Path, manifest: dict, key_parts: dict, seconds: float) -> dict:
+    """Counts per source, read back from the written shards (cheap: three columns)."""
+    table = pq.read_table(data_dir, columns=["source", "input_ids", "labels", "truncated"])
+    sources: dict[str, dict] = {}
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy()
+    src = table["source"].to_pylist()
+    trunc = table["truncated"].to_numpy(zero_copy_only=False)
+    for name, info in manifest["sources"].items():
+        if "train" not in info["splits"]:
+            continue
+        mask = np.array([s == name for s in src], dtype=bool)
+        kept = int(mask.sum())
+        sources[name] = {
+            "records": kept,
+            "dropped_overlong": info["splits"]["train"]["records"] - kept,
+            "truncated": int(trunc[mask].sum()),
+            "tokens": int(lengths[mask].sum()),
+            "task": info["task"],
+        }
+    return {**key_parts, "records": int(len(table)), "tokens": int(lengths.sum()), "seconds": round(seconds, 3),
+            "sources": sources}
+
+
+# ------------------------------------------------------------------------------- mixing
+
+
+def mixture_counts(cfg: Config, counts: dict[str, int], tasks: dict[str, str]) -> dict[str, int]:
+    """How many records of each source one epoch draws.
+
+    Weights key on source names (or tasks with ``mixture.by: task``, shared by a task's sources
+    in proportion to their sizes); missing keys weigh 1.0. Without replacement the epoch is the
+    largest one that the weights allow without repeating a record; with replacement it is
+    ``mixture.epoch_size`` (default: all records) and small sources repeat.
+
+    Raises:
+        ConfigError: all weights are zero for the sources that have training data.
+    """
+    m = cfg.mixture
+    if m.by == "task":
+        per_task: dict[str, int] = {}
+        for name, n in counts.items():
+            per_task[tasks[name]] = per_task.get(tasks[name], 0) + n
+        weights = {name: m.weights.get(tasks[name], 1.0) * n / max(per_task[tasks[name]], 1)
+                   for name, n in counts.items()}
+    else:
+        weights = {name: m.weights.get(name, 1.0) for name in counts}
+    weights = {k: w for k, w in weights.items() if w > 0 and counts[k] > 0}
+    if not weights:
+        raise ConfigError("config key 'mixture.weights': every source with training data weighs 0")
+    total_w = sum(weights.values())
+    shares = {k: w / total_w for k, w in weights.items()}
+    if m.epoch_size is not None:
+        size = m.epoch_size
+    elif m.replacement:
+        size = sum(counts[k] for k in shares)
+    else:
+        size = min(counts[k] / p for k, p in shares.items())
+    out = {k: int(round(size * p)) for k, p in shares.items()}
+    if not m.replacement:
+        for k, n in out.items():
+            if n > counts[k]:
+                raise ConfigError(f"config key 'mixture.epoch_size': {size} needs {n} records of {k}, "
+                                  f"which has {counts[k]}; set mixture.replacement: true")
+    return out
+
+
+def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
+    """The mixed, shuffled and (optionally) packed training Dataset for one run or trial."""
+    import ray
+
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    counts = {k: v["records"] for k, v in meta["sources"].items()}
+    tasks = {k: v["task"] for k, v in meta["sources"].items()}
+    plan = mixture_counts(cfg, counts, tasks)
+    seed = cfg.run.seed if seed is None else seed
+    base = ray.data.read_parquet(str(cache_dir / "data"), columns=["source", "input_ids", "labels"])
+    parts = []
+    for i, (name, n) in enumerate(sorted(plan.items())):
+        ds = base.filter(expr=f"source == '{name}'")
+        repeats = math.ceil(n / counts[name])
+        if repeats > 1:
+            ds = ds.union(*[ds] * (repeats - 1))
+        parts.append(ds.random_shuffle(seed=seed + i).limit(n))
+    mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    mixed = mixed.random_shuffle(seed=seed + 1000)
+    log.info("mixture for this run: %s (%d records per epoch)", plan, sum(plan.values()))
+    return mixed.map_batches(
+        _pack_batch, fn_kwargs=dict(max_len=cfg.data.max_seq_len, packing=cfg.data.packing, seed=seed),
+        batch_size=1024, batch_format="numpy", num_cpus=0.25,
+    ), plan
+
+
+def _pack_batch(batch: dict, max_len: int, packing: bool, seed: int) -> dict:
+    return pack_examples(batch["input_ids"], batch["labels"], max_len, packing, seed)
+
+
+def pack_examples(input_ids: Iterable, labels: Iterable, max_len: int, packing: bool, seed: int = 0) -> dict:
+    """Packs examples into rows with per-example ``position_ids`` (restarting at 0).
+
+    First-fit decreasing fills rows to ~99% on short examples, where greedy in-order packing
+    wastes about half an example per row. Rows are then shuffled (seeded) so that row order does
+    not follow length.
+
+    Returns:
+        Columns ``input_ids``, ``labels``, ``position_ids`` (object arrays of int32 arrays).
+    """
+    examples = [(np.asarray(i, dtype=np.int32), np.asarray(l, dtype=np.int32)) for i, l in zip(input_ids, labels)]
+    if not packing:
+        bins = [[e] for e in examples]
+    else:
+        bins, room = [], []
+        for e in sorted(examples, key=lambda e: -len(e[0])):
+            n = len(e[0])
+            for b, r in enumerate(room):
+                if n <= r:
+                    bins[b].append(e)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([e])
+                room.append(max_len - n)
+        order = np.random.default_rng(seed + len(examples)).permutation(len(bins))
+        bins = [bins[i] for i in order]
+    ids = [np.concatenate([e[0] for e in b]) for b in bins]
+    lab = [np.concatenate([e[1] for e in b]) for b in bins]
+    pos = [np.concatenate([np.arange(len(e[0]), dtype=np.int32) for e in b]) for b in bins]
+    as_obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # keep ragged rows 1-D
+    return {"input_ids": as_obj(ids), "labels": as_obj(lab), "position_ids": as_obj(pos)}
+
+
+def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
+    """Pads a micro-batch of rows into tensors the model takes.
+
+    Packed rows get no attention mask: transformers builds the block-diagonal mask from
+    ``position_ids`` restarting at 0 (``masking_utils.find_packed_sequence_indices``), which only
+    works with ``use_cache=False``. Padding continues as its own 0.. sequence, after the real
+    tokens, so causal attention never lets a real token see it.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[k, :n] = torch.tensor(r["input_ids"])
+        labels[k, :n] = torch.tensor(r["labels"])
+        pos[k, :n] = torch.tensor(r["position_ids"])
+        pos[k, n:] = torch.arange(width - n)
+        mask[k, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
+    if not packing:
+        batch["attention_mask"] = mask
+    return batch
+
+
+def micro_batches(shard, micro_batch_size: int, pad_id: int, packing: bool) -> Iterator[tuple[dict, int]]:
+    """Endless ``(micro-batch, real token count)`` pairs from a worker's shard, epoch after epoch."""
+    while True:
+        n = 0
+        for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=False):
+            rows = [{k: batch[k][i] for k in ("input_ids", "labels", "position_ids")}
+                    for i in range(len(batch["input_ids"]))]
+            n += 1
+            yield collate(rows, pad_id, packing), sum(len(r["input_ids"]) for r in rows)
+        if n == 0:
+            raise DataError("this worker's training shard is empty: the corpus has fewer packed rows than workers")

@@ -1,0 +1,161 @@
+"""The evaluation actor pool: score checkpoints at the tasks, while training goes on.
+
+Each ``Scorer`` actor loads the base model once and swaps LoRA adapters per checkpoint. The
+held-out records are split across actors (every k-th record); a caller gathers the
+predictions and any actor scores them. Ray Train calls :func:`validate_checkpoint` as the
+``ValidationConfig`` fn for every reported checkpoint; ``jobs/evaluate.py`` uses the same pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import ray
+
+from bioray.config import Config, from_dict, to_dict
+from bioray.errors import CheckpointError, DataError
+
+log = logging.getLogger("bioray")
+
+NAMESPACE = "bioray"
+
+
+def eval_items(cfg: Config, corpus_dir: Path) -> list[dict]:
+    """The held-out records every checkpoint is scored on: ``eval.split``, ``eval.max_examples`` per source."""
+    from bioray.corpus import read_manifest, read_records, render_prompt
+
+    manifest = read_manifest(corpus_dir)
+    items = []
+    for source in cfg.corpus.sources:
+        if cfg.eval.split not in manifest["sources"].get(source.name, {}).get("splits", {}):
+            continue
+        for r in read_records(corpus_dir, source.name, cfg.eval.split, limit=cfg.eval.max_examples):
+            items.append({"id": r["id"], "source": r["source"], "task": r["task"], "input": r["input"],
+                          "output": r["output"],
+                          "prompt": render_prompt(cfg.corpus.template, r["instruction"], r["input"])})
+    return items
+
+
+def score_predictions(cfg: Config, manifest: dict, items: list[dict], predictions: dict[str, str]) -> dict:
+    """Scores predictions (id -> answer text) per source with the source's own metric.
+
+    A record without a prediction is scored as an empty (unparsable) answer.
+
+    Returns:
+        ``{source: {metric: value}}`` with one entry per source that has eval records.
+    """
+    from bioray.evaluate.metrics import score_source
+
+    by_source: dict[str, list[dict]] = {}
+    for item in items:
+        by_source.setdefault(item["source"], []).append(item)
+    sources = {s.name: s for s in cfg.corpus.sources}
+    results = {}
+    for name, group in by_source.items():
+        src, info = sources[name], manifest["sources"][name]
+        labels = info.get("labels")
+        results[name] = score_source(
+            src.task, [i["input"] for i in group], [i["output"] for i in group],
+            [predictions.get(i["id"], "") for i in group],
+            label_space=labels if src.task != "ner" else None,
+            negative_label=src.negative_label, none_label=src.none_label,
+            allowed_tags=labels if src.task == "ner" else None,
+        )
+    return results
+
+
+def task_score(cfg: Config, results: dict) -> float:
+    """The one number checkpoints are ranked by (``eval.score``)."""
+    from bioray.evaluate.metrics import checkpoint_score
+
+    return checkpoint_score(results, {s.name: s.task for s in cfg.corpus.sources}, cfg.eval.score)
+
+
+class Scorer:
+    """One scorer: a base model loaded once, a slice of the eval records, predictions per checkpoint."""
+
+    def __init__(self, config: dict, base_path: str, manifest: dict, items: list[dict], shard: int, num_shards: int):
+        import torch
+
+        from bioray.evaluate.generate import Generator
+
+        self.cfg = from_dict(config)
+        self.manifest = manifest
+        self.all_items = items
+        self.items = items[shard::num_shards]
+        device = "cuda" if self.cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.eval.cpus_per_actor + 0.5)))
+        self.generator = Generator(base_path, self.cfg, device=device)
+        tok = self.generator.tokenizer
+        answer_lens = [len(x) for x in tok([i["output"] for i in self.items], add_special_tokens=False)["input_ids"]] \
+            if self.items else []
+        cap = self.cfg.eval.max_new_tokens
+        # A generous length cap from the reference answer (x1.5 + 8): long enough for any
+        # well-formed answer, short enough that a rambling model cannot stall the pool.
+        self.max_new = [cap if cap else int(n * 1.5) + 8 for n in answer_lens]
+
+    def predict(self, checkpoint) -> dict[str, str]:
+        """Answers for this actor's records under ``checkpoint`` (a Ray ``Checkpoint`` or a folder)."""
+        if not self.items:
+            return {}
+        if isinstance(checkpoint, (str, Path)):
+            self.generator.use(checkpoint)
+        else:
+            with checkpoint.as_directory() as d:
+                self.generator.use(d)
+        start = time.time()
+        answers = self.generator.generate([i["prompt"] for i in self.items], self.max_new,
+                                          self.cfg.eval.batch_size, self.cfg.eval.num_beams)
+        log.info("scored %d examples in %.1fs (%.1f examples/s)", len(answers), time.time() - start,
+                 len(answers) / max(time.time() - start, 1e-9))
+        return {i["id"]: a for i, a in zip(self.items, answers)}
+
+    def score(self, predictions: dict[str, str]) -> dict:
+        """Metrics per source for the whole eval set."""
+        return score_predictions(self.cfg, self.manifest, self.all_items, predictions)
+
+
+def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str) -> list:
+    """Starts ``eval.num_actors`` named scorer actors (reused if already running under ``name``)."""
+    from bioray.corpus import read_manifest
+
+    manifest = read_manifest(corpus_dir)
+    items = eval_items(cfg, corpus_dir)
+    items_ref = ray.put(items)
+    n = cfg.eval.num_actors
+    remote = ray.remote(Scorer)
+    return [remote.options(name=f"{name}-{k}", namespace=NAMESPACE, get_if_exists=True,
+                           num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor)
+            .remote(to_dict(cfg), base_path, manifest, items_ref, k, n) for k in range(n)]
+
+
+def run_pool(actors: list, checkpoint) -> dict:
+    """Predictions from every actor for ``checkpoint``, then the scores."""
+    predictions: dict[str, str] = {}
+    for part in ray.get([a.predict.remote(checkpoint) for a in actors]):
+        predictions.update(part)
+    return ray.get(actors[0].score.remote(predictions)), predictions
+
+
+def validate_checkpoint(checkpoint, pool: str, num_actors: int, config: dict) -> dict:
+    """Ray Train ``ValidationConfig`` fn: scores one reported checkpoint with the named pool.
+
+    Returns:
+        ``{"score": float, "eval": {source: {metric: value}}}``, merged into the checkpoint's metrics.
+    """
+    cfg = from_dict(config)
+    actors = [ray.get_actor(f"{pool}-{k}", namespace=NAMESPACE) for k in range(num_actors)]
+    results, _ = run_pool(actors, checkpoint)
+    return {"score": task_score(cfg, results), "eval": results}
+
+
+def stop_pool(actors: list) -> None:
+    for a in actors:
+        ray.kill(a)
+
+
+__all__ = ["CheckpointError", "DataError", "Scorer", "eval_items", "run_pool", "score_predictions", "start_pool",
+           "stop_pool", "task_score", "validate_checkpoint"]

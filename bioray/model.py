@@ -1,0 +1,237 @@
+"""Base models: the embedded `tiny` Llama, loading any causal LM, and attaching LoRA.
+
+``tiny`` is built once per (corpus, shape) and cached as an ordinary Hugging Face folder, then
+loaded through ``AutoModelForCausalLM``/``AutoTokenizer`` like a hub id or a local folder, so the
+quickstart exercises the same code path as Llama-2-7B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bioray.config import Config
+from bioray.errors import ConfigError
+
+log = logging.getLogger("bioray")
+
+TINY_VERSION = "1"
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def cache_root(cfg: Config) -> Path:
+    """The folder that holds tokenised caches and built tiny models."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser().resolve()
+    env = os.environ.get("BIORAY_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bioray"
+
+
+def resolve_base(cfg: Config, corpus_dir: Path) -> str:
+    """The ``from_pretrained`` path of the base model: a hub id, a folder, or the built tiny model.
+
+    Args:
+        cfg: The run's config.
+        corpus_dir: The built corpus (the tiny tokenizer and pretraining read its train split).
+
+    Raises:
+        ConfigError: a local-looking path that does not exist.
+    """
+    name = cfg.model.name_or_path
+    if name == "tiny":
+        return str(build_tiny(cfg, corpus_dir))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"config key 'model.name_or_path': folder {name!r} does not exist")
+    return name
+
+
+def load_tokenizer(path: str, cfg: Config):
+    """Loads a tokenizer and gives it a pad token (left padding is set where generation needs it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        # Llama-2 ships without a pad token; EOS is the common stand-in and labels mask it anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(path: str, cfg: Config, dtype: torch.dtype = torch.float32):
+    """Loads a causal LM from safetensors only (no pickle) on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True
+    )
+
+
+def add_lora(model, cfg: Config):
+    """Wraps ``model`` with a peft LoRA adapter described by ``cfg.lora``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # peft names the modules it could not find
+        raise ConfigError(f"config key 'lora.target_modules': {e}".splitlines()[0]) from None
+
+
+# ---------------------------------------------------------------------------- tiny model
+
+
+def _tiny_key(cfg: Config, corpus_hash: str) -> str:
+    parts = {
+        "version": TINY_VERSION,
+        "corpus": corpus_hash,
+        "tiny": dataclasses.asdict(cfg.model.tiny),
+        "template": cfg.corpus.template,
+        "max_seq_len": cfg.data.max_seq_len,
+        "seed": cfg.run.seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tiny(cfg: Config, corpus_dir: Path) -> Path:
+    """Builds (once) and returns the folder of the tiny base model for this corpus.
+
+    A byte-level BPE tokenizer is trained on the corpus's train split, a small Llama is
+    initialised and pretrained on the full text of the training records (prompt and answer),
+    and both are saved as a Hugging Face folder. Cached by a hash of everything that shapes it.
+    """
+    from bioray.corpus import read_manifest
+
+    manifest = read_manifest(corpus_dir)
+    out = cache_root(cfg) / "models" / f"tiny-{_tiny_key(cfg, manifest['content_hash'])}"
+    if (out / "config.json").is_file():
+        log.info("tiny base model up to date: %s", out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    texts = _corpus_texts(cfg, corpus_dir, manifest)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        tokenizer = _train_tokenizer(texts, cfg.model.tiny.vocab_size)
+        model = _init_tiny(cfg, tokenizer)
+        _pretrain(model, tokenizer, texts, cfg)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        log.info("another process built the same tiny model first: %s", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _corpus_texts(cfg: Config, corpus_dir: Path, manifest: dict) -> list[str]:
+    from bioray.corpus import read_records, render_prompt
+
+    texts = []
+    for source, info in sorted(manifest["sources"].items()):
+        if "train" not in info["splits"]:
+            continue
+        for r in read_records(corpus_dir, source, "train"):
+            texts.append(render_prompt(cfg.corpus.template, r["instruction"], r["input"]) + r["output"])
+    if not texts:
+        raise ConfigError("model.name_or_path: tiny needs a corpus with a train split to learn from")
+    return texts
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        # Without the full byte alphabet, characters absent from the corpus could never be
+        # encoded later (measured here; see FACTS.md).
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def _init_tiny(cfg: Config, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.model.tiny
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=int(t.hidden_size * 8 / 3 // 64 * 64) or 64,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=cfg.data.max_seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(cfg.run.seed)
+    return LlamaForCausalLM(config)
+
+
+def _pretrain(model, tokenizer, texts: list[str], cfg: Config) -> None:
+    """Full-parameter causal-LM pretraining on the corpus text, packed into fixed-length rows."""
+    t = cfg.model.tiny
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *enc, tokenizer.eos_token_id]
+    seq = min(256, cfg.data.max_seq_len)
+    rows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    if len(rows) == 0:
+        raise ConfigError("model.name_or_path: tiny needs more corpus text than one sequence")
+    opt = torch.optim.AdamW(model.parameters(), lr=t.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, t.pretrain_steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, t.pretrain_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    model.train()
+    start, last_log = time.time(), time.time()
+    for step in range(t.pretrain_steps):
+        batch = rows[torch.randint(len(rows), (t.pretrain_batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if not cfg.run.quiet and (time.time() - last_log > 10 or step + 1 == t.pretrain_steps):
+            last_log = time.time()
+            elapsed = last_log - start
+            eta = elapsed / (step + 1) * (t.pretrain_steps - step - 1)
+            log.info("pretraining tiny base: step %d/%d loss %.3f (%.0fs, ETA %.0fs)",
+                     step + 1, t.pretrain_steps, loss.item(), elapsed, eta)
+    model.eval()

@@ -1,0 +1,93 @@
+"""The config schema: defaults, YAML, --set overrides, and errors that name the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bioray.config import Config, apply_override, dump, from_dict, load, to_dict
+from bioray.errors import ConfigError
+from conftest import ROOT
+
+
+def test_defaults_round_trip_through_a_plain_dict():
+    cfg = Config()
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "max_seq_len: 512" in dump(cfg)
+
+
+def test_quickstart_loads_and_overrides_apply_in_order(tmp_path):
+    cfg = load(ROOT / "configs" / "quickstart.yaml",
+               ["train.lr=2e-4", "lora.target_modules=[q_proj,v_proj]", "train.lr=3e-4",
+                "corpus.sources.0.entity=illness", "mixture.weights.sample_clinical_nli=0.5"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.corpus.sources[0].entity == "illness"
+    assert cfg.mixture.weights["sample_clinical_nli"] == 0.5
+    assert [s.name for s in cfg.corpus.sources] == ["sample_disease_ner", "sample_gene_disease_re",
+                                                    "sample_clinical_nli"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr"),
+    ("train.lr=fast", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("train.use_gpu=maybe", "train.use_gpu"),
+    ("lora.rank=-4", "lora.rank"),
+    ("lora.target_modules=q_proj", "lora.target_modules"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("eval.decoding=beam", "eval.decoding"),
+    ("data.overlong=cut", "data.overlong"),
+    ("mixture.weights.nope=1", "mixture.weights.nope"),
+    ("mixture.weights.sample_clinical_nli=-1", "mixture.weights.sample_clinical_nli"),
+    ("mixture.weights.sample_clinical_nli=.nan", "mixture.weights.sample_clinical_nli"),
+    ("corpus.sources.0.format=conll", "corpus.sources[0].format"),
+    ("corpus.sources.7.name=x", "corpus.sources.7"),
+    ("corpus.sources.1.name=sample_disease_ner", "corpus.sources[1].name"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load(ROOT / "configs" / "quickstart.yaml", [override])
+    assert key in str(e.value)
+
+
+def test_all_zero_weights_fail():
+    zero = ["mixture.weights={sample_disease_ner: 0, sample_gene_disease_re: 0, sample_clinical_nli: 0}"]
+    with pytest.raises(ConfigError, match="mixture.weights"):
+        load(ROOT / "configs" / "quickstart.yaml", zero)
+
+
+def test_override_needs_key_value():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override({}, "train.lr")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-3\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load(bad)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load("/nonexistent/x.yaml")
+
+
+@pytest.mark.parametrize("job", ["prepare.py", "finetune.py", "evaluate.py"])
+def test_jobs_exit_2_with_one_line_naming_the_key(job, tmp_path):
+    extra = ["--predictions", str(tmp_path / "p.jsonl")] if job == "evaluate.py" else []
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--set", "train.lr=fast",
+                           "--set", f"run.dir={tmp_path / 'run'}", *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.lr" in lines[0] and "a number" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written before the config is checked
+
+
+def test_config_reference_is_up_to_date():
+    from bioray.config import reference_markdown
+
+    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown() + "\n", \
+        "docs/config.md is stale: python -m bioray.config > docs/config.md"

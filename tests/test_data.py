@@ -1,0 +1,134 @@
+"""Tokenising (loss on the answer only), packing (examples stay apart) and mixing by weight."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from bioray.config import from_dict
+from bioray.data import IGNORE_INDEX, Tokenise, collate, mixture_counts, pack_examples
+from bioray.errors import ConfigError
+from bioray.model import _train_tokenizer
+
+TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    texts = ["tag each token : B I O", "the patient has cystic fibrosis .", "fibrosis : B\n. : O"] * 50
+    tok = _train_tokenizer(texts, 300)
+    out = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _records(n=3):
+    return pa.table({
+        "id": [f"s/train/{i:07d}" for i in range(n)], "source": ["s"] * n, "task": ["ner"] * n,
+        "instruction": ["Tag each token."] * n,
+        "input": ["the patient has cystic fibrosis ."] * n,
+        "output": ["the : O\npatient : O\nhas : O\ncystic : B\nfibrosis : I\n. : O"] * n,
+    })
+
+
+def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    out = Tokenise(tokenizer_dir, TEMPLATE, 512, "drop")(_records())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids, labels = out["input_ids"][0].as_py(), out["labels"][0].as_py()
+    assert len(ids) == len(labels)
+    answer_start = next(k for k, v in enumerate(labels) if v != IGNORE_INDEX)
+    assert all(v == IGNORE_INDEX for v in labels[:answer_start])
+    assert labels[answer_start:] == ids[answer_start:]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[answer_start:-1]) == _records()["output"][0].as_py()
+    assert tok.decode(ids[1:answer_start]).endswith("### Output:\n")
+
+
+def test_overlong_records_drop_or_lose_prompt_never_answer(tokenizer_dir):
+    full = Tokenise(tokenizer_dir, TEMPLATE, 512, "drop")(_records(1))
+    n = len(full["input_ids"][0].as_py())
+    assert len(Tokenise(tokenizer_dir, TEMPLATE, n - 5, "drop")(_records(1))) == 0
+    cut = Tokenise(tokenizer_dir, TEMPLATE, n - 5, "truncate")(_records(1))
+    assert cut["truncated"][0].as_py() is True
+    assert len(cut["input_ids"][0].as_py()) <= n - 5
+    full_labels = [v for v in full["labels"][0].as_py() if v != IGNORE_INDEX]
+    assert [v for v in cut["labels"][0].as_py() if v != IGNORE_INDEX] == full_labels
+
+
+def test_packing_keeps_every_example_once_within_the_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 120, size=500)
+    ids = [np.full(n, k, dtype=np.int32) for k, n in enumerate(lengths)]
+    packed = pack_examples(ids, ids, 512, packing=True)
+    assert all(len(r) <= 512 for r in packed["input_ids"])
+    seen = np.concatenate(packed["input_ids"])
+    assert sorted(np.unique(seen)) == list(range(500)) and len(seen) == lengths.sum()
+    for row, pos in zip(packed["input_ids"], packed["position_ids"]):
+        starts = np.flatnonzero(pos == 0)
+        for a, b in zip(starts, list(starts[1:]) + [len(row)]):
+            assert len(set(row[a:b])) == 1 and list(pos[a:b]) == list(range(b - a))
+    fill = lengths.sum() / (len(packed["input_ids"]) * 512)
+    assert fill > 0.97
+
+
+def test_packed_loss_equals_unpacked_loss_per_example():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=128)).eval()
+    a = np.arange(3, 23, dtype=np.int32)
+    b = np.arange(30, 45, dtype=np.int32)
+    la, lb = a.copy(), b.copy()
+    la[:8] = IGNORE_INDEX
+    lb[:5] = IGNORE_INDEX
+    packed = pack_examples([a, b], [la, lb], 64, packing=True)
+    assert len(packed["input_ids"]) == 1
+    batch = collate([{k: packed[k][0] for k in packed}], pad_id=0, packing=True)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        row = packed["input_ids"][0]
+        sep = [k for k, p in enumerate(packed["position_ids"][0]) if p == 0]
+        for s, e in zip(sep, sep[1:] + [len(row)]):
+            alone = model(input_ids=torch.tensor(row[s:e])[None].long(), use_cache=False).logits[0]
+            assert torch.allclose(logits[s:e], alone, atol=1e-5)
+
+
+def test_collate_pads_after_real_tokens_and_masks_labels():
+    rows = [{"input_ids": np.array([5, 6, 7]), "labels": np.array([-100, 6, 7]), "position_ids": np.array([0, 1, 2])},
+            {"input_ids": np.array([8]), "labels": np.array([8]), "position_ids": np.array([0])}]
+    batch = collate(rows, pad_id=0, packing=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
+    assert "attention_mask" not in batch
+    assert collate(rows, pad_id=0, packing=False)["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def _cfg(**mixture):
+    return from_dict({"mixture": mixture})
+
+
+def test_mixture_counts_follow_the_weights():
+    counts = {"a": 1000, "b": 300, "c": 50}
+    tasks = {"a": "ner", "b": "ner", "c": "nli"}
+    plan = mixture_counts(_cfg(weights={"a": 1.0, "b": 1.0, "c": 2.0}), counts, tasks)
+    assert plan == {"a": 25, "b": 25, "c": 50}  # without replacement: c runs out first
+    plan = mixture_counts(_cfg(weights={"a": 1.0, "b": 1.0, "c": 2.0}, replacement=True, epoch_size=10000),
+                          counts, tasks)
+    assert plan == {"a": 2500, "b": 2500, "c": 5000}
+    assert mixture_counts(_cfg(weights={"c": 0.0}, replacement=True), counts, tasks) == {"a": 650, "b": 650}
+    by_task = mixture_counts(_cfg(weights={"ner": 3.0, "nli": 1.0}, by="task", replacement=True, epoch_size=4000),
+                             counts, tasks)
+    assert by_task["c"] == 1000 and by_task["a"] + by_task["b"] == 3000
+    assert by_task["a"] / by_task["b"] == pytest.approx(1000 / 300, rel=0.01)
+
+
+def test_all_zero_mixture_fails():
+    with pytest.raises(ConfigError, match="mixture.weights"):
+        mixture_counts(_cfg(weights={"a": 0.0}), {"a": 10}, {"a": "ner"})

@@ -1,0 +1,180 @@
+"""The real jobs end to end on a local Ray cluster: quickstart, evaluate, the adapter, bad input.
+
+One quickstart run (2 CPU workers, DeepSpeed ZeRO-2, LoRA, 3 scored checkpoints) is shared by
+the tests of this module; its cache folder is private to the session.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def run_job(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bioray-cache")
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run_dir, proc
+
+
+def test_quickstart_writes_the_contracted_files(quickstart):
+    run_dir, proc = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    assert set(result) >= {"train", "eval", "best_checkpoint"}
+    assert set(result["train"]) >= {"first_loss", "last_loss", "steps", "tokens_per_s"}
+    assert result["train"]["steps"] == 120
+    assert result["train"]["last_loss"] < result["train"]["first_loss"]
+    assert result["train"]["tokens_per_s"] > 0
+    manifest = json.loads((run_dir / "corpus" / "manifest.json").read_text())
+    assert {s: i["splits"]["train"]["records"] for s, i in manifest["sources"].items()} == {
+        "sample_disease_ner": 480, "sample_gene_disease_re": 480, "sample_clinical_nli": 480}
+    assert list((run_dir / "corpus").glob("*.parquet"))
+    assert yaml.safe_load((run_dir / "bioray.yaml").read_text())["run"]["dir"] == str(run_dir)
+    best = Path(result["best_checkpoint"])
+    assert best.is_absolute() and best.parent == run_dir / "checkpoints"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bioray.yaml", "tokenizer_config.json",
+                 "tokenizer.json"):
+        assert (best / name).is_file(), name
+    base = json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()
+    # The score table is printed for every source.
+    for source in manifest["sources"]:
+        assert f"| {source} |" in proc.stdout
+
+
+def test_quickstart_learns_the_tasks(quickstart):
+    run_dir, _ = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    ev = result["eval"]
+    assert set(ev) == {"sample_disease_ner", "sample_gene_disease_re", "sample_clinical_nli"}
+    ner = ev["sample_disease_ner"]
+    assert ner["n"] == 64 and ner["f1"] >= 0.5 and ner["parse_rate"] >= 0.7
+    assert set(ner) >= {"f1", "precision", "recall", "parse_rate", "n"}
+    assert set(ev["sample_gene_disease_re"]) >= {"f1", "accuracy", "parse_rate", "n"}
+    assert set(ev["sample_clinical_nli"]) >= {"accuracy", "parse_rate", "n"}
+    for metrics in ev.values():
+        assert all(0 <= v <= 1 for k, v in metrics.items() if k != "n")
+
+
+def test_every_checkpoint_is_scored_and_the_best_is_kept(quickstart):
+    run_dir, _ = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    kept = result["checkpoints"]
+    assert len(kept) == 2  # train.keep_checkpoints of the 3 reported (steps 40, 80, 120)
+    assert all(c["score"] is not None for c in kept)
+    best = max(kept, key=lambda c: (c["score"], c["step"]))
+    assert result["best_checkpoint"] == best["path"] and Path(best["path"]).is_dir()
+    on_disk = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert on_disk == sorted(Path(c["path"]).name for c in kept)
+
+
+def test_adapter_loads_with_peft_and_reproduces_the_scores(quickstart):
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bioray.config import load
+    from bioray.corpus import read_manifest
+    from bioray.evaluate.generate import Generator
+    from bioray.evaluate.pool import eval_items, score_predictions
+
+    run_dir, _ = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    best = result["best_checkpoint"]
+    cfg = load(Path(best) / "bioray.yaml")
+    base = json.loads((Path(best) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), best).eval()
+    torch.set_num_threads(1)
+    gen = Generator(base, cfg)
+    gen.model = model  # peft's own loading path, bioray's batching and decoding
+    items = eval_items(cfg, run_dir / "corpus")
+    tok = gen.tokenizer
+    max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
+    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
+    scores = score_predictions(cfg, read_manifest(run_dir / "corpus"), items,
+                               {i["id"]: a for i, a in zip(items, answers)})
+    for source, metrics in result["eval"].items():
+        for k, v in metrics.items():
+            assert scores[source][k] == pytest.approx(v, abs=1e-9), (source, k)
+    assert AutoPeftModelForCausalLM.from_pretrained(best) is not None
+
+
+@pytest.fixture(scope="module")
+def evaluated(quickstart, tmp_path_factory, cache_dir):
+    run_dir, _ = quickstart
+    best = json.loads((run_dir / "result.json").read_text())["best_checkpoint"]
+    eval_dir = tmp_path_factory.mktemp("eval") / "run"
+    proc = run_job("jobs/evaluate.py", "--checkpoint", best, "--set", f"run.dir={eval_dir}",
+                   "--set", f"data.cache_dir={cache_dir}")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return eval_dir
+
+
+def test_evaluate_checkpoint_matches_the_run(quickstart, evaluated):
+    run_dir, _ = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    ev = json.loads((evaluated / "eval.json").read_text())
+    assert set(ev["eval"]) == set(result["eval"])
+    for source, metrics in result["eval"].items():
+        assert ev["eval"][source] == pytest.approx(metrics)
+    assert ev["decoding"] == "free"
+
+
+def test_evaluate_predictions_scores_like_generated_text(evaluated, tmp_path):
+    preds = evaluated / "predictions.jsonl"
+    proc = run_job("jobs/evaluate.py", "--predictions", preds, "--set", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "eval.json").read_text())["eval"]
+    first = json.loads((evaluated / "eval.json").read_text())["eval"]
+    assert set(again) == set(first)
+    for source, metrics in first.items():
+        assert again[source] == pytest.approx(metrics)
+
+
+def test_evaluate_bad_predictions_exit_2_naming_the_line(tmp_path, quickstart):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "sample_disease_ner/validation/0000000", "prediction": "x : O"}\nnot json\n')
+    proc = run_job("jobs/evaluate.py", "--predictions", bad, "--set", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"bioray: error: {bad}:2: expected a JSON object per line"]
+
+
+def test_evaluate_incomplete_checkpoint_exits_2(quickstart, tmp_path):
+    import shutil
+
+    run_dir, _ = quickstart
+    best = Path(json.loads((run_dir / "result.json").read_text())["best_checkpoint"])
+    broken = tmp_path / "broken"
+    shutil.copytree(best, broken)
+    (broken / "adapter_model.safetensors").unlink()
+    proc = run_job("jobs/evaluate.py", "--checkpoint", broken, "--set", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "adapter_model.safetensors is missing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_checkpoint_of_another_base_exits_2(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    best = json.loads((run_dir / "result.json").read_text())["best_checkpoint"]
+    proc = run_job("jobs/evaluate.py", "--checkpoint", best, "--set", f"run.dir={tmp_path / 'run'}",
+                   "--set", "model.name_or_path=meta-llama/Llama-2-7b-hf")
+    assert proc.returncode == 2
+    assert "made for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
