@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bioray.config import Config
+from bioray.corpus.build import LIGHT_CPUS
 from bioray.errors import ConfigError, DataError
 
 log = logging.getLogger("bioray")
@@ -127,8 +128,19 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     start = time.time()
+    # Leave a whole CPU for the read and write tasks: Ray Data's file-listing task asks for 1 CPU
+    # whatever the read's num_cpus, and actors that hold the rest of the cluster starve it; the
+    # pipeline then waits forever (seen here: 2 actors x 0.75 CPU on 2 CPUs).
+    total = ray.cluster_resources().get("CPU", 1.0)
+    actor_cpus = min(cfg.data.tokenise_cpus, max(0.1, (total - 1.0) / cfg.data.tokenise_actors))
+    if actor_cpus < cfg.data.tokenise_cpus:
+        log.info("tokenising actors get %.2f CPU each (data.tokenise_cpus=%s does not fit %g CPUs)",
+                 actor_cpus, cfg.data.tokenise_cpus, total)
     try:
-        ds = corpus_dataset(corpus_dir, split="train")
+        # Blocks of one tokenising batch each: a corpus shard is one block, and one block feeds
+        # one actor, so without this a small corpus keeps every other actor idle.
+        ds = corpus_dataset(corpus_dir, split="train").repartition(
+            target_num_rows_per_block=cfg.data.tokenise_batch_size)
         ds = ds.map_batches(
             Tokenise,
             fn_constructor_kwargs=dict(tokenizer_path=base_path, template=cfg.corpus.template,
@@ -136,9 +148,9 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
                                        trust_remote_code=cfg.model.trust_remote_code),
             batch_size=cfg.data.tokenise_batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenise_actors),
-            num_cpus=cfg.data.tokenise_cpus,
+            num_cpus=actor_cpus,
         )
-        ds.write_parquet(str(tmp / "data"))
+        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": LIGHT_CPUS})
         meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out)
@@ -228,10 +240,17 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
     tasks = {k: v["task"] for k, v in meta["sources"].items()}
     plan = mixture_counts(cfg, counts, tasks)
     seed = cfg.run.seed if seed is None else seed
-    base = ray.data.read_parquet(str(cache_dir / "data"), columns=["source", "input_ids", "labels"])
+    # A seeded shuffle is only reproducible if blocks arrive in the same order every time;
+    # streaming execution otherwise hands them over as they finish (seen here: two runs with
+    # one seed drew different samples).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    from ray.data.expressions import col
+
+    base = ray.data.read_parquet(str(cache_dir / "data"), columns=["source", "input_ids", "labels"],
+                                 num_cpus=LIGHT_CPUS)
     parts = []
     for i, (name, n) in enumerate(sorted(plan.items())):
-        ds = base.filter(expr=f"source == '{name}'")
+        ds = base.filter(expr=col("source") == name, num_cpus=LIGHT_CPUS)
         repeats = math.ceil(n / counts[name])
         if repeats > 1:
             ds = ds.union(*[ds] * (repeats - 1))
@@ -241,7 +260,7 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
     log.info("mixture for this run: %s (%d records per epoch)", plan, sum(plan.values()))
     return mixed.map_batches(
         _pack_batch, fn_kwargs=dict(max_len=cfg.data.max_seq_len, packing=cfg.data.packing, seed=seed),
-        batch_size=1024, batch_format="numpy", num_cpus=0.25,
+        batch_size=4096, batch_format="numpy", num_cpus=LIGHT_CPUS,
     ), plan
 
 

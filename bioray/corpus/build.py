@@ -471,6 +471,9 @@ def _shards(corpus_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(corpus_dir).glob("*.parquet"))
 
 
+LIGHT_CPUS = 0.25  # logical CPUs per Ray Data read/filter/pack/write task, here and in bioray.data
+
+
 def corpus_dataset(corpus_dir: str | Path, split: Optional[str] = None) -> "ray.data.Dataset":
     """The corpus as a Ray Dataset of records, optionally one split only.
 
@@ -481,11 +484,13 @@ def corpus_dataset(corpus_dir: str | Path, split: Optional[str] = None) -> "ray.
     Returns:
         A lazy dataset with the record columns (row order is not the id order).
     """
-    ds = ray.data.read_parquet(_shards(corpus_dir), schema=SCHEMA)
+    # Light CPU requests: on a small cluster, tasks asking for a whole CPU would wait for ones
+    # that tokenising actors or training workers hold.
+    ds = ray.data.read_parquet(_shards(corpus_dir), schema=SCHEMA, num_cpus=LIGHT_CPUS)
     if split is not None:
         from ray.data.expressions import col
 
-        ds = ds.filter(expr=col("split") == split)
+        ds = ds.filter(expr=col("split") == split, num_cpus=LIGHT_CPUS)
     return ds
 
 

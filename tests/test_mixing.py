@@ -1,0 +1,157 @@
+"""Mixing by weight through Ray Data, determinism, equal batches per worker, the tokenised cache."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from bioray.config import from_dict
+from bioray.data import training_dataset
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    # Workers import this module (the train loop below) and bioray from the checkout.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_TRAIN_V2_ENABLED": "1"}})
+    yield
+    ray.shutdown()
+
+
+def fake_cache(path, sizes: dict[str, int], tasks: dict[str, str] | None = None, seed: int = 0):
+    """A tokenised cache whose rows say their source in the first token (source k -> k + 1)."""
+    rng = np.random.default_rng(seed)
+    rows = {"id": [], "source": [], "task": [], "input_ids": [], "labels": [], "truncated": []}
+    for k, (name, n) in enumerate(sizes.items()):
+        for i in range(n):
+            ids = [k + 1] + rng.integers(10, 100, size=int(rng.integers(5, 40))).tolist()
+            rows["id"].append(f"{name}/train/{i:07d}")
+            rows["source"].append(name)
+            rows["task"].append((tasks or {}).get(name, "ner"))
+            rows["input_ids"].append(ids)
+            rows["labels"].append([-100] * 3 + ids[3:])
+            rows["truncated"].append(False)
+    (path / "data").mkdir(parents=True)
+    pq.write_table(pa.table(rows), path / "data" / "part-0.parquet", row_group_size=97)
+    meta = {"records": sum(sizes.values()), "tokens": 0, "sources": {
+        name: {"records": n, "task": (tasks or {}).get(name, "ner"), "dropped_overlong": 0, "truncated": 0, "tokens": 0}
+        for name, n in sizes.items()}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def _sources_of(ds, names):
+    firsts = [int(r["input_ids"][0]) for r in ds.take_all()]
+    return [names[f - 1] for f in firsts]
+
+
+def test_mixture_proportions_within_2_percent_over_10000_samples(tmp_path):
+    sizes = {"a": 3000, "b": 500, "c": 1200}
+    cache = fake_cache(tmp_path, sizes)
+    weights = {"a": 0.2, "b": 0.5, "c": 0.3}
+    cfg = from_dict({"data": {"packing": False},
+                     "mixture": {"weights": weights, "replacement": True, "epoch_size": 10000}})
+    ds, plan = training_dataset(cfg, cache)
+    got = _sources_of(ds, list(sizes))
+    assert len(got) == 10000 == sum(plan.values())
+    for name, w in weights.items():
+        assert abs(got.count(name) / len(got) - w) < 0.02, (name, got.count(name))
+
+
+def test_mixture_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
+    cache = fake_cache(tmp_path, {"a": 300, "b": 200})
+    cfg = from_dict({"data": {"packing": False}, "mixture": {"weights": {"a": 1.0, "b": 1.0}}})
+    first = [r["input_ids"].tolist() for r in training_dataset(cfg, cache)[0].take_all()]
+    again = [r["input_ids"].tolist() for r in training_dataset(cfg, cache)[0].take_all()]
+    other = [r["input_ids"].tolist() for r in training_dataset(cfg, cache, seed=7)[0].take_all()]
+    assert first == again
+    assert first != other
+
+
+def test_zero_weight_drops_a_source_and_no_replacement_never_repeats(tmp_path):
+    cache = fake_cache(tmp_path, {"a": 300, "b": 200, "c": 50})
+    cfg = from_dict({"data": {"packing": False}, "mixture": {"weights": {"a": 1.0, "b": 1.0, "c": 0.0}}})
+    ds, plan = training_dataset(cfg, cache)
+    rows = [tuple(r["input_ids"].tolist()) for r in ds.take_all()]
+    assert plan == {"a": 200, "b": 200}
+    assert "c" not in _sources_of(ds, ["a", "b", "c"])
+    assert len(set(rows)) == len(rows) == 400
+
+
+def test_packed_rows_stay_within_max_seq_len(tmp_path):
+    cache = fake_cache(tmp_path, {"a": 777})
+    cfg = from_dict({"data": {"packing": True, "max_seq_len": 128}})
+    rows = training_dataset(cfg, cache)[0].take_all()
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert max(lengths) <= 128 and sum(lengths) > 0.95 * 128 * len(rows) - 128
+
+
+def _count_batches(config):
+    import torch
+    import torch.distributed as dist
+
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    counts = []
+    for _ in range(2):  # two epochs
+        counts.append(sum(1 for _ in shard.iter_batches(batch_size=config["micro"], batch_format="numpy")))
+    mine = torch.tensor(counts)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    assert all(torch.equal(everyone[0], c) for c in everyone), [c.tolist() for c in everyone]
+    assert counts[0] > 0
+    ray.train.report({"batches": counts[0]})
+
+
+def test_every_worker_gets_the_same_number_of_batches(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cache = fake_cache(tmp_path / "cache", {"a": 333, "b": 101})  # odd sizes, packed rows of varying count
+    cfg = from_dict({"data": {"packing": True, "max_seq_len": 64}, "mixture": {"weights": {"a": 1.0, "b": 1.0}}})
+    ds, _ = training_dataset(cfg, cache)
+    assert ds.count() % 2 == 1, "the test needs an odd number of rows"
+    trainer = TorchTrainer(_count_batches, train_loop_config={"micro": 3},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           torch_config=TorchConfig(backend="gloo"), datasets={"train": ds.materialize()},
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="batches"))
+    result = trainer.fit()  # raises if the assertions inside a worker failed
+    assert result.error is None
+
+
+def test_tokenised_cache_is_reused_and_keyed_by_what_shapes_it(tmp_path, caplog):
+    from bioray.corpus import build_corpus
+    from bioray.corpus.sample import write_sample
+    from bioray.data import tokenise
+    from bioray.model import _corpus_texts, _train_tokenizer
+    from bioray.corpus import read_manifest
+
+    sample = write_sample(tmp_path / "sample")
+    raw = {"run": {"dir": str(tmp_path / "run"), "quiet": True},
+           "corpus": {"sources": [{"name": "ner", "format": "iob", "task": "ner", "entity": "disease",
+                                   "files": {"train": str(sample / "ner_train.tsv")}}]},
+           "data": {"cache_dir": str(tmp_path / "cache"), "max_seq_len": 256, "tokenise_actors": 1}}
+    cfg = from_dict(raw)
+    corpus = build_corpus(cfg)
+    tok = _train_tokenizer(_corpus_texts(cfg, corpus, read_manifest(corpus)), 512)
+    tok.save_pretrained(tmp_path / "tok")
+    cache, meta = tokenise(cfg, corpus, str(tmp_path / "tok"))
+    assert meta["tokenised_now"] == 480 and meta["sources"]["ner"]["records"] == 480
+    with caplog.at_level(logging.INFO, logger="bioray"):
+        again, meta2 = tokenise(cfg, corpus, str(tmp_path / "tok"))
+    assert again == cache and meta2["tokenised_now"] == 0
+    assert "tokenised cache hit" in caplog.text
+    raw["data"]["max_seq_len"] = 128
+    shorter, meta3 = tokenise(from_dict(raw), corpus, str(tmp_path / "tok"))
+    assert shorter != cache and meta3["tokenised_now"] > 0
+    assert meta3["sources"]["ner"]["records"] + meta3["sources"]["ner"]["dropped_overlong"] == 480
+    table = pq.read_table(cache / "data")
+    assert set(table.column_names) >= {"id", "source", "input_ids", "labels"}
