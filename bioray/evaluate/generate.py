@@ -109,6 +109,67 @@ class Generator:
                 out[k] = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
         return out
 
+    @torch.no_grad()
+    def constrained(self, prompts: list[str], specs: list, max_new_tokens: list[int], batch_size: int,
+                    num_beams: int = 1) -> list[str]:
+        """Answers that always parse (``eval.decoding: constrained``), in the order given.
+
+        Each record's :class:`~bioray.evaluate.constrained.AnswerSpec` picks the method: tags and
+        lists are decoded greedily within their grammar, choices are scored by log-likelihood, and
+        records without an answer space (``kind == "free"``) are generated freely.
+
+        Args:
+            prompts: Rendered prompts.
+            specs: One answer spec per prompt (``bioray.evaluate.pool.answer_specs``).
+            max_new_tokens: Length caps; used by free records only (grammars end by themselves).
+            batch_size: Prompts per batch, for every method.
+            num_beams: Beam width of free records; constrained methods are greedy.
+
+        Returns:
+            The answer texts.
+        """
+        from bioray.data import encode_prompt
+        from bioray.evaluate.constrained import best_choice, decode_grammar, grammar_for
+
+        out: list[str] = [""] * len(prompts)
+        groups: dict[str, list[int]] = {}
+        for k, spec in enumerate(specs):
+            groups.setdefault("grammar" if spec.kind in ("tags", "list") else spec.kind, []).append(k)
+        ids = encode_prompt(self.tokenizer, prompts)
+        if groups.get("grammar"):
+            ks = groups["grammar"]
+            walkers = decode_grammar(self.model, [ids[k] for k in ks],
+                                     [grammar_for(self.tokenizer, specs[k]) for k in ks], batch_size,
+                                     self.tokenizer.pad_token_id, self.device)
+            for k, w in zip(ks, walkers):
+                out[k] = w.answer
+            _check_canonical(self.tokenizer, walkers)
+        if groups.get("choice"):
+            ks = groups["choice"]
+            best = best_choice(self.tokenizer, self.model, [ids[k] for k in ks], [specs[k].labels for k in ks],
+                               batch_size, self.device)
+            for k, answer in zip(ks, best):
+                out[k] = answer
+        if groups.get("free"):
+            ks = groups["free"]
+            free = self.generate([prompts[k] for k in ks], [max_new_tokens[k] for k in ks], batch_size, num_beams)
+            for k, answer in zip(ks, free):
+                out[k] = answer
+        return out
+
+
+def _check_canonical(tokenizer, walkers) -> None:
+    """Warns where a constrained answer's tokens are not its text's own tokenisation.
+
+    Only a tokenizer that merges across answer lines and changes earlier tokens when a line is
+    added can cause that (see ``bioray.evaluate.constrained``); the answers still parse.
+    """
+    encoded = tokenizer([w.answer for w in walkers], add_special_tokens=False)["input_ids"]
+    off = sum(ids + [tokenizer.eos_token_id] != w.ids for ids, w in zip(encoded, walkers))
+    if off:
+        log.warning("%d of %d constrained answers are not tokenised as training tokenises their text; "
+                    "this tokenizer merges across answer lines", off, len(walkers))
+
 
 def _norm(path: str) -> str:
     p = Path(path).expanduser()

@@ -66,6 +66,34 @@ def score_predictions(cfg: Config, manifest: dict, items: list[dict], prediction
     return results
 
 
+def answer_specs(cfg: Config, manifest: dict, items: list[dict]) -> list:
+    """Each record's answer space for constrained decoding, from its source's task and manifest labels."""
+    from bioray.evaluate.constrained import answer_spec
+
+    sources = {s.name: s for s in cfg.corpus.sources}
+    return [answer_spec(i["task"], i["input"], manifest["sources"][i["source"]].get("labels"),
+                        sources[i["source"]].none_label) for i in items]
+
+
+def source_decoding(cfg: Config, manifest: dict) -> dict[str, str]:
+    """How each source's answers are produced under ``cfg.eval.decoding`` (for ``eval.json``).
+
+    Returns:
+        ``{source: method}``: ``free`` (generated, then parsed), or under constrained decoding
+        ``constrained-tags``, ``constrained-choice``, ``constrained-list``, or ``free`` where a
+        source has no answer space to constrain to (qa).
+    """
+    from bioray.evaluate.constrained import answer_spec
+
+    out = {}
+    for s in cfg.corpus.sources:
+        if s.name not in manifest["sources"]:
+            continue
+        kind = answer_spec(s.task, "x", manifest["sources"][s.name].get("labels"), s.none_label).kind
+        out[s.name] = "free" if cfg.eval.decoding == "free" or kind == "free" else f"constrained-{kind}"
+    return out
+
+
 def task_score(cfg: Config, results: dict) -> float:
     """The one number checkpoints are ranked by (``eval.score``)."""
     from bioray.evaluate.metrics import checkpoint_score
@@ -96,6 +124,7 @@ class Scorer:
         # A generous length cap from the reference answer (x1.5 + 8): long enough for any
         # well-formed answer, short enough that a rambling model cannot stall the pool.
         self.max_new = [cap if cap else int(n * 1.5) + 8 for n in answer_lens]
+        self.specs = answer_specs(self.cfg, manifest, self.items) if self.cfg.eval.decoding == "constrained" else None
 
     def predict(self, checkpoint) -> dict[str, str]:
         """Answers for this actor's records under ``checkpoint`` (a Ray ``Checkpoint`` or a folder)."""
@@ -107,10 +136,14 @@ class Scorer:
             with checkpoint.as_directory() as d:
                 self.generator.use(d)
         start = time.time()
-        answers = self.generator.generate([i["prompt"] for i in self.items], self.max_new,
-                                          self.cfg.eval.batch_size, self.cfg.eval.num_beams)
-        log.info("scored %d examples in %.1fs (%.1f examples/s)", len(answers), time.time() - start,
-                 len(answers) / max(time.time() - start, 1e-9))
+        prompts = [i["prompt"] for i in self.items]
+        if self.specs is None:
+            answers = self.generator.generate(prompts, self.max_new, self.cfg.eval.batch_size, self.cfg.eval.num_beams)
+        else:
+            answers = self.generator.constrained(prompts, self.specs, self.max_new, self.cfg.eval.batch_size,
+                                                 self.cfg.eval.num_beams)
+        log.info("answered %d examples (%s decoding) in %.1fs (%.1f examples/s)", len(answers),
+                 self.cfg.eval.decoding, time.time() - start, len(answers) / max(time.time() - start, 1e-9))
         return {i["id"]: a for i, a in zip(self.items, answers)}
 
     def score(self, predictions: dict[str, str]) -> dict:
@@ -157,5 +190,5 @@ def stop_pool(actors: list) -> None:
         ray.kill(a)
 
 
-__all__ = ["CheckpointError", "DataError", "Scorer", "eval_items", "run_pool", "score_predictions", "start_pool",
-           "stop_pool", "task_score", "validate_checkpoint"]
+__all__ = ["CheckpointError", "DataError", "Scorer", "answer_specs", "eval_items", "run_pool", "score_predictions",
+           "source_decoding", "start_pool", "stop_pool", "task_score", "validate_checkpoint"]
