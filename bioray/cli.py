@@ -46,6 +46,12 @@ def setup_logging(quiet: bool) -> None:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet or not sys.stdout.isatty():
+        # transformers' "Loading weights"/"Writing model shards" bars are \r walls in a log; read
+        # when transformers is imported, so set before (and inherited by Ray's workers, see init_ray).
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def init_ray(cfg: Config) -> None:
@@ -56,20 +62,84 @@ def init_ray(cfg: Config) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # bioray's progress lines from scorer actors and validation tasks (see worker_logging).
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "bioray.cli.worker_logging"}
     bars = sys.stdout.isatty() and not cfg.run.quiet
     if not bars:
-        # Bars from workers and Ray Data's split coordinator turn logs into walls of \r; Ray
-        # Data still logs a plain progress line every few seconds.
-        env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+        # Bars from workers (Ray Data in train workers, transformers in scorer actors) turn logs
+        # into walls of \r; the driver logs plain progress lines instead (below).
+        for var in ("RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            env_vars[var] = "1"
+            os.environ[var] = "1"
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=not cfg.run.quiet, configure_logging=False)
+        ray.init(runtime_env=_without_job_keys(runtime_env), log_to_driver=not cfg.run.quiet,
+                 configure_logging=False)
     else:
         # A local cluster: workers import bioray from this checkout even when it is not installed.
         env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=not cfg.run.quiet,
+        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=not cfg.run.quiet,
                  configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = bars
+    _data_progress(cfg.run.quiet)
+
+
+def _without_job_keys(runtime_env: dict) -> dict:
+    """Drops what a ``ray job submit`` runtime env already sets: Ray refuses to merge the same
+    env var or field twice, even with equal values ("Failed to merge the Job's runtime env")."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    taken = set(job.get("env_vars") or {})
+    out = {k: v for k, v in runtime_env.items() if k == "env_vars" or k not in job}
+    out["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items() if k not in taken}
+    return out
+
+
+def _data_progress(quiet: bool) -> None:
+    """Ray Data progress for the datasets the driver executes (corpus build, tokenisation, mixing).
+
+    On a terminal: bars. Otherwise Ray Data logs one plain progress line per dataset every
+    ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (default 10) instead of bars. ``--quiet``:
+    neither, and Ray Data's own INFO lines (execution plans, "finished in") leave the console too;
+    they still go to the session's ray-data.log.
+    """
+    import ray.data
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    # Without a terminal, one line per dataset per interval, not one per operator as well.
+    ctx.enable_operator_progress_bars = sys.stdout.isatty()
+    logging.getLogger("ray.data._internal.progress.logging_progress").addFilter(_OneLineProgress())
+    # Ray Data warns once per process that (operator) bars are off; that is what was asked for.
+    log_once("ray_data_progress_manager_disabled")
+    log_once("ray_data_progress_manager_global")
+    # Ray Data configures its "ray.data" logger (own console handler, propagate=False) when it is
+    # imported, so the level set in setup_logging does not reach it: quiet its console handler.
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def worker_logging() -> None:
+    """Ray's ``worker_process_setup_hook``: the "bioray" logger prints INFO lines in every worker.
+
+    Ray leaves a worker's root logger at WARNING (Ray Train configures its own workers only), so
+    the scorer's "examples/s" lines and the validation task's scores were dropped; Ray forwards
+    what a worker prints to the driver's stdout (not with ``--quiet``: ``log_to_driver=False``).
+    The logger stops at its own handler, so lines are not doubled where root prints too.
+    """
+    logger = logging.getLogger("bioray")
+    if not any(getattr(h, "_bioray", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"))
+        handler._bioray = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    from ray.util.debug import log_once
+
+    # The training set's progress is off on purpose (bioray.train.fit); no warning about it.
+    log_once("ray_data_progress_manager_disabled")
 
 
 def main(fn: Callable[[], None]) -> Callable[[], None]:
@@ -97,3 +167,24 @@ def main(fn: Callable[[], None]) -> Callable[[], None]:
             sys.exit(1)
 
     return wrapper
+
+
+class _OneLineProgress(logging.Filter):
+    """Folds Ray Data's non-TTY progress block into one line: ``<dataset>: <rows>/<total> rows``.
+
+    Ray Data (2.60) logs a block every interval: a ``==== Running Dataset: X ====`` header, a
+    ``Total Progress: n/m`` line, a resources line and a ``====`` footer. Lines of any other shape
+    pass through unchanged, so a future format shows more lines rather than none.
+    """
+
+    dataset = "dataset"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("======= Running Dataset: "):
+            self.dataset = msg[len("======= Running Dataset: "):].strip(" =")
+            return False
+        if msg.startswith("Total Progress: "):
+            record.msg, record.args = f"{self.dataset}: {msg[len('Total Progress: '):]} rows", ()
+            return True
+        return not (msg.startswith("Active & requested resources: ") or msg == "" or set(msg) == {"="})

@@ -15,3 +15,7 @@ class DataError(BiorayError):
 
 class CheckpointError(BiorayError):
     """A checkpoint folder is incomplete or was made for another base model."""
+
+
+class OutputError(BiorayError):
+    """An output folder exists and would be overwritten."""

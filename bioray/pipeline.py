@@ -60,9 +60,11 @@ def finetune(cfg: Config) -> dict:
     Returns:
         The content of ``result.json``.
     """
+    from bioray.corpus import read_manifest
     from bioray.data import tokenise
-    from bioray.evaluate.pool import start_pool, stop_pool, validate_checkpoint
+    from bioray.evaluate.pool import source_decoding, start_pool, stop_pool, validate_checkpoint
     from bioray.model import resolve_base
+    from bioray.observe import start_metrics_log, stop_metrics_log
     from bioray.report import score_table
     from bioray.train import fit
 
@@ -75,22 +77,31 @@ def finetune(cfg: Config) -> dict:
 
     name = pool_name(cfg)
     actors = start_pool(cfg, base_path, corpus_dir, name)
+    # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
+    metrics_log = start_metrics_log(run_dir)
     start = time.time()
     try:
         result, plan = fit(cfg, base_path, cache_dir, validate_checkpoint,
-                           {"pool": name, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))})
+                           {"pool": name, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))},
+                           metrics_log=metrics_log)
         if result.error:
             raise result.error
         best, best_metrics = _best_scored(result)
         if best_metrics.get("eval") is None:
             # Scoring did not come back with the checkpoint (e.g. the task failed): score it now.
+            import ray
+
             from bioray.evaluate.pool import run_pool, task_score
 
             log.warning("checkpoint %s has no task score yet; scoring it now", best.path)
             results, _ = run_pool(actors, best)
             best_metrics = {**best_metrics, "eval": results, "score": task_score(cfg, results)}
+            if best_metrics.get("step") is not None:
+                ray.get(metrics_log.scores.remote(best_metrics["step"], best_metrics["score"], results,
+                                                  Path(best.path).name))
     finally:
         stop_pool(actors)
+        records = stop_metrics_log(metrics_log, run_dir)
     final = result.metrics or {}
     out = {
         "train": {
@@ -106,13 +117,27 @@ def finetune(cfg: Config) -> dict:
         "data": {"cache": str(cache_dir), "tokenised_now": cache_meta["tokenised_now"],
                  "records": cache_meta["records"]},
         "decoding": cfg.eval.decoding,
+        "decoding_by_source": source_decoding(cfg, read_manifest(corpus_dir)),
         "split": cfg.eval.split,
     }
     write_json(run_dir / "result.json", out)
     table = score_table(cfg, out["eval"])
     write_text(run_dir / "scores.md", table + "\n")
+    write_run_report(cfg, out, records, run_dir)
     print(table)
     return out
+
+
+def write_run_report(cfg: Config, result: dict, records: list[dict], run_dir: Path) -> None:
+    """``report.md`` and ``curves.png``: the run at a glance, readable without a notebook."""
+    from bioray.report import run_report, write_curves
+
+    fd, tmp = tempfile.mkstemp(prefix=".curves-", suffix=".png", dir=run_dir)
+    os.close(fd)
+    write_curves(records, Path(tmp), title=f"{cfg.run.dir}: {cfg.model.name_or_path}, {cfg.train.max_steps} steps")
+    os.replace(tmp, run_dir / "curves.png")
+    write_text(run_dir / "report.md", run_report(cfg, result, records))
+    log.info("report: %s (curves: %s)", run_dir / "report.md", run_dir / "curves.png")
 
 
 def _best_scored(result):
@@ -211,7 +236,12 @@ def _write_eval(cfg: Config, results: dict, extra: dict, predictions: dict | Non
     from bioray.report import score_table
 
     run_dir = Path(cfg.run.dir).resolve()
-    out = {"eval": results, **extra, "decoding": cfg.eval.decoding, "split": cfg.eval.split}
+    from bioray.corpus import read_manifest
+    from bioray.evaluate.pool import source_decoding
+
+    manifest = read_manifest(Path(cfg.run.dir).resolve() / "corpus")
+    out = {"eval": results, **extra, "decoding": cfg.eval.decoding,
+           "decoding_by_source": source_decoding(cfg, manifest), "split": cfg.eval.split}
     write_json(run_dir / "eval.json", out)
     if predictions is not None:
         write_text(run_dir / "predictions.jsonl",

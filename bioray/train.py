@@ -74,6 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from bioray.data import micro_batches
     from bioray.model import add_lora, load_base, load_tokenizer
 
+    _quiet_report_lines()
     base_path = loop_config["base_path"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -148,10 +149,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("train step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", done, cfg.train.max_steps,
                      loss_mean, metrics["lr"], metrics["tokens_per_s"], eta)
         if is_ckpt:
-            _report_checkpoint(engine, cfg, tokenizer, metrics, rank)
+            _report_checkpoint(engine, cfg, tokenizer, metrics, rank, loop_config.get("validate", True))
         else:
             ray.train.report(metrics)
         window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+
+
+def _quiet_report_lines() -> None:
+    """Drops Ray Train's per-worker "Reporting training result N: ..." INFO lines (rank 0 logs its own).
+
+    Ray 2.60 logs them under ``logging.getLogger(__file__)``, outside ``ray.train``, so
+    ``RunConfig(logging_config=...)`` does not reach them.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _restore(model, directory: Path, cfg: Config) -> dict:
@@ -169,8 +183,12 @@ def _restore(model, directory: Path, cfg: Config) -> dict:
     return state
 
 
-def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int) -> None:
-    """Saves the adapter (rank 0 writes; under ZeRO-3 every rank joins the gather) and reports it."""
+def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int, validate: bool) -> None:
+    """Saves the adapter (rank 0 writes; under ZeRO-3 every rank joins the gather) and reports it.
+
+    With ``validate``, the report asks for scoring; its step travels with the request, so the scores
+    are logged under the step of the checkpoint they belong to (``bioray.observe``).
+    """
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -194,7 +212,8 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int)
             Path(tmp, STATE_FILE).write_text(json.dumps({"step": metrics["step"], "first_loss": metrics["first_loss"]}))
             checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{metrics['step']:06d}",
-                         validation=ValidationTaskConfig() if checkpoint is not None else False)
+                         validation=ValidationTaskConfig(fn_kwargs={"step": metrics["step"]})
+                         if checkpoint is not None and validate else False)
 
 
 class _nullcontext:
@@ -205,7 +224,8 @@ class _nullcontext:
         return False
 
 
-def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, validation_kwargs: dict | None = None):
+def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, validation_kwargs: dict | None = None,
+        metrics_log=None):
     """Runs ``TorchTrainer`` for one config and returns Ray Train's ``Result``.
 
     Args:
@@ -214,19 +234,25 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         cache_dir: The tokenised cache (see ``bioray.data.tokenise``).
         validation_fn: Scores a reported checkpoint (see ``bioray.evaluate.pool``); None = no scoring.
         validation_kwargs: JSON-serialisable keyword arguments for ``validation_fn``.
+        metrics_log: A ``bioray.observe.MetricsLog`` actor; every report and every checkpoint's
+            scores are sent to it (None = not logged).
     """
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
     from bioray.data import training_dataset
+    from bioray.observe import LoggedValidation, ReportToLog
 
     train_ds, plan = training_dataset(cfg, cache_dir)
     # Mix, shuffle and pack once, before the workers hold their CPUs: on a small cluster the
     # shuffle tasks would otherwise wait forever for a CPU the training workers hold (Ray never
     # oversubscribes). The packed epoch then streams from the object store.
     train_ds = train_ds.materialize()
+    # Streaming the packed epoch to the workers runs in Ray Data's split coordinator (a worker
+    # process, where progress would be bars); rank 0's step lines are the progress of this stage.
+    train_ds.context.enable_progress_bars = False
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -241,11 +267,17 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
             checkpoint_score_order="max",
         ),
         failure_config=FailureConfig(max_failures=t.max_failures),
+        # Runs in the Train controller: one record per report, however many workers report it.
+        callbacks=[ReportToLog(metrics_log)] if metrics_log is not None else [],
+        # Ray Train's INFO lines (each worker's every report, worker-group start-up) repeat what
+        # rank 0's step lines and the scorer's lines already say; warnings and errors still show.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
     validation_config = None
     if scored:
         validation_config = ValidationConfig(
-            fn=validation_fn,
+            # Takes the report's `step` and sends the scores to metrics_log once they exist.
+            fn=LoggedValidation(validation_fn, metrics_log),
             task_config=ValidationTaskConfig(fn_kwargs=validation_kwargs or {}),
             # DEFAULT scheduling: inside a Tune trial the task would otherwise be captured by the
             # trial's placement group and wait forever for a busy bundle (FACTS.md).
@@ -253,7 +285,7 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "base_path": base_path},
+        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "validate": scored},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=run_config,

@@ -178,3 +178,42 @@ def test_evaluate_checkpoint_of_another_base_exits_2(quickstart, tmp_path):
                    "--set", "model.name_or_path=meta-llama/Llama-2-7b-hf")
     assert proc.returncode == 2
     assert "made for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_quickstart_writes_metrics_tensorboard_report_and_curves(quickstart):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, proc = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    evals = [r for r in lines if r["kind"] == "eval"]
+    assert len(train) + len(evals) == len(lines)
+    # One line per report (train.report_every=20 over 120 steps), no step twice.
+    assert [r["step"] for r in train] == [20, 40, 60, 80, 100, 120]
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train)
+    assert train[-1]["loss"] == pytest.approx(result["train"]["last_loss"])
+    # Scores for every scored checkpoint (steps 40, 80, 120), the deleted one included, once each.
+    assert sorted(r["step"] for r in evals) == [40, 80, 120]
+    for r in evals:
+        assert set(r["eval"]) == set(result["eval"]) and r["checkpoint"] == f"step-{r['step']:06d}"
+    best = next(r for r in evals if r["checkpoint"] == Path(result["best_checkpoint"]).name)
+    assert best["eval"] == result["eval"] and best["score"] == pytest.approx(result["score"])
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/score"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [20, 40, 60, 80, 100, 120]
+    assert sorted(e.step for e in acc.Scalars("eval/score")) == [40, 80, 120]
+    assert "eval/sample_disease_ner/f1" in tags
+
+    report = (run_dir / "report.md").read_text()
+    assert result["best_checkpoint"] in report and "**validation** split" in report
+    for source in result["eval"]:
+        assert f"| {source} |" in report
+    assert "| adapter | LoRA rank 16, alpha 32" in report
+    assert "| steps | 120 |" in report and "| decoding | free, greedy |" in report
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Progress: rank 0's step lines and the scorer's lines reach the driver's stdout.
+    assert "train step 120/120" in proc.stdout and "examples/s" in proc.stdout

@@ -1,0 +1,126 @@
+"""Take the model away: a checkpoint as a clean adapter folder, or merged into its base.
+
+- Adapter (default): the files peft and multi-LoRA servers read (``adapter_model.safetensors``,
+  ``adapter_config.json``), the tokenizer and ``bioray.yaml``; nothing of the trainer's.
+- Merged (``merge=True``): LoRA folded into the base weights (peft's ``merge_and_unload``) and
+  saved as a plain Hugging Face folder (safetensors, config, generation config, tokenizer) that
+  ``AutoModelForCausalLM.from_pretrained`` loads without peft.
+
+Both are written into a temporary folder beside ``out`` and renamed into place, so ``out`` is
+either absent or complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from fnmatch import fnmatch
+from pathlib import Path
+
+from bioray.errors import CheckpointError, OutputError
+
+log = logging.getLogger("bioray")
+
+CONFIG_FILE = "bioray.yaml"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Tokenizer files any tokenizer class may have saved (fast, sentencepiece, BPE vocab, chat template).
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "chat_template.*", "*.model")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = False,
+                      expected_base: str | None = None) -> Path:
+    """Writes the checkpoint's adapter folder, or the merged model, to ``out``.
+
+    Args:
+        checkpoint: A checkpoint folder (``run.dir/checkpoints/step-*``).
+        out: The folder to create; it must not exist or be empty.
+        merge: Merge LoRA into the base and save a plain model folder.
+        expected_base: The base model the checkpoint must have been trained on: a hub id or folder
+            (matched against the adapter's base) or a ``model.name_or_path`` such as ``tiny``
+            (matched against the checkpoint's ``bioray.yaml``); None = no check.
+
+    Returns:
+        ``out`` as an absolute path.
+
+    Raises:
+        CheckpointError: an incomplete checkpoint, one made for another base, or a base folder
+            that no longer exists (merge).
+        OutputError: ``out`` is a file or a non-empty folder.
+    """
+    from bioray.config import load
+    from bioray.evaluate.generate import checkpoint_base
+
+    ckpt = Path(checkpoint).resolve()
+    dest = Path(out).expanduser().resolve()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise OutputError(f"{dest}: already exists and is not an empty folder; choose a new --out")
+    base = checkpoint_base(ckpt)  # checks the folder is complete
+    full = not (ckpt / "adapter_config.json").is_file()
+    if expected_base is not None:
+        # The config's model.name_or_path ("tiny", a hub id, a folder) or the adapter's resolved base.
+        named = load(ckpt / CONFIG_FILE).model.name_or_path
+        if expected_base != named and (full or _norm(expected_base) != _norm(base)):
+            made_for = named if full else base
+            raise CheckpointError(f"{ckpt}: checkpoint was made for base model {made_for!r}, not {expected_base!r}")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        if merge and not full:
+            _merge(ckpt, base, tmp)
+        else:
+            if merge:
+                log.info("%s holds full weights (train.full_finetune); nothing to merge, copying it", ckpt)
+            weights = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json") \
+                if full else ADAPTER_FILES
+            _copy(ckpt, tmp, (*weights, "README.md"))
+        _copy(ckpt, tmp, (*TOKENIZER_PATTERNS, CONFIG_FILE))
+        if dest.exists():
+            dest.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s -> %s (%s)", ckpt, dest, "merged" if merge else "adapter")
+    return dest
+
+
+def _merge(ckpt: Path, base: str, out: Path) -> None:
+    """Base + adapter -> one model, saved in the base's own dtype."""
+    import torch
+    from peft import PeftModel
+
+    from bioray.config import load
+    from bioray.model import load_base, load_tokenizer
+
+    cfg = load(ckpt / CONFIG_FILE)
+    looks_local = base.startswith((".", "/", "~"))
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise CheckpointError(f"{ckpt}: its base model folder {base!r} no longer exists; rebuild it with "
+                              f"jobs/finetune.py or fix base_model_name_or_path in adapter_config.json")
+    # Merge in fp32 (W + B @ A * scale, rounded once), then store in the dtype the base ships in.
+    model = load_base(base, cfg, dtype=torch.float32)
+    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
+    if isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16):
+        merged = merged.to(saved_dtype)
+    tokenizer = load_tokenizer(str(ckpt), cfg)
+    gen = merged.generation_config
+    # What greedy generation needs to stop and pad, in the folder itself.
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                            tokenizer.pad_token_id)
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(str(out), safe_serialization=True)
+
+
+def _copy(src: Path, dst: Path, patterns: tuple[str, ...]) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and any(fnmatch(f.name, p) for p in patterns):
+            shutil.copy2(f, dst / f.name)
+
+
+def _norm(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
