@@ -170,12 +170,11 @@ def _cache_meta(data_dir: Path, manifest: dict, key_parts: dict, seconds: float)
     table = pq.read_table(data_dir, columns=["source", "input_ids", "labels", "truncated"])
     sources: dict[str, dict] = {}
     lengths = pc.list_value_length(table["input_ids"]).to_numpy()
-    src = table["source"].to_pylist()
     trunc = table["truncated"].to_numpy(zero_copy_only=False)
     for name, info in manifest["sources"].items():
         if "train" not in info["splits"]:
             continue
-        mask = np.array([s == name for s in src], dtype=bool)
+        mask = pc.equal(table["source"], name).to_numpy(zero_copy_only=False)
         kept = int(mask.sum())
         sources[name] = {
             "records": kept,

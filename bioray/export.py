@@ -51,7 +51,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
         OutputError: ``out`` is a file or a non-empty folder.
     """
     from bioray.config import load
-    from bioray.evaluate.generate import checkpoint_base
+    from bioray.evaluate.generate import base_key, checkpoint_base
 
     ckpt = Path(checkpoint).resolve()
     dest = Path(out).expanduser().resolve()
@@ -62,7 +62,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
     if expected_base is not None:
         # The config's model.name_or_path ("tiny", a hub id, a folder) or the adapter's resolved base.
         named = load(ckpt / CONFIG_FILE).model.name_or_path
-        if expected_base != named and (full or _norm(expected_base) != _norm(base)):
+        if expected_base != named and (full or base_key(expected_base) != base_key(base)):
             made_for = named if full else base
             raise CheckpointError(f"{ckpt}: checkpoint was made for base model {made_for!r}, not {expected_base!r}")
 
@@ -120,7 +120,3 @@ def _copy(src: Path, dst: Path, patterns: tuple[str, ...]) -> None:
         if f.is_file() and not f.name.startswith(".") and any(fnmatch(f.name, p) for p in patterns):
             shutil.copy2(f, dst / f.name)
 
-
-def _norm(path: str) -> str:
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path

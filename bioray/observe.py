@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -127,10 +125,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    from bioray.pipeline import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ---------------------------------------------------------------------------- on Ray

@@ -19,22 +19,18 @@ from bioray.errors import CheckpointError, DataError
 log = logging.getLogger("bioray")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Writes JSON under a temporary name, then renames: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_text(path: Path, text: str) -> None:
-    """Same as :func:`write_json` for text."""
+    """Writes text under a temporary name, then renames: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """:func:`write_text` for JSON."""
+    write_text(path, json.dumps(data, indent=2))
 
 
 def prepare(cfg: Config) -> Path:
@@ -162,12 +158,12 @@ def _json_safe(data):
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     """Scores a checkpoint folder on the config's corpus with the scorer pool; writes ``eval.json``."""
-    from bioray.evaluate.generate import checkpoint_base
+    from bioray.evaluate.generate import base_key, checkpoint_base
     from bioray.evaluate.pool import run_pool, start_pool, stop_pool, task_score
     ckpt = Path(checkpoint).resolve()
     base = checkpoint_base(ckpt)
     wanted = cfg.model.name_or_path
-    if wanted != "tiny" and _norm(wanted) != _norm(base):
+    if wanted != "tiny" and base_key(wanted) != base_key(base):
         raise CheckpointError(f"{ckpt}: checkpoint was made for base model {base!r}, but config key "
                               f"'model.name_or_path' names {wanted!r}")
     corpus_dir = prepare(cfg)
@@ -251,7 +247,3 @@ def _write_eval(cfg: Config, results: dict, extra: dict, predictions: dict | Non
     print(table)
     return out
 
-
-def _norm(path: str) -> str:
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path

@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _quiet_report_lines()
     base_path = loop_config["base_path"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
     if not cfg.train.use_gpu:
@@ -237,7 +237,6 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         metrics_log: A ``bioray.observe.MetricsLog`` actor; every report and every checkpoint's
             scores are sent to it (None = not logged).
     """
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig

@@ -1,6 +1,5 @@
 """Tokenising (loss on the answer only), packing (examples stay apart) and mixing by weight."""
 
-import json
 
 import numpy as np
 import pyarrow as pa

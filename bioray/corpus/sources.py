@@ -209,14 +209,21 @@ def _label_map(labels: Optional[dict]) -> Optional[dict[str, str]]:
     return None if labels is None else {str(k): v for k, v in labels.items()}
 
 
-def _json_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
-    """Yields ``(n, dict)`` per non-blank line, or ``(n, Rejected)``."""
+def _text_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str | Rejected]]:
+    """Yields ``(n, text)`` per non-blank line, or ``(n, Rejected)`` for bytes that are not UTF-8."""
     for n, raw in lines:
         text = _decode(n, raw)
         if text is None:
             yield n, Rejected(n, "not UTF-8 text")
-            continue
-        if not text.strip():
+        elif text.strip():
+            yield n, text
+
+
+def _json_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
+    """Yields ``(n, dict)`` per non-blank line, or ``(n, Rejected)``."""
+    for n, text in _text_lines(lines):
+        if isinstance(text, Rejected):
+            yield n, text
             continue
         try:
             obj = json.loads(text)
@@ -228,12 +235,9 @@ def _json_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]
 
 def _tsv_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
     """Yields ``(n, {"sentence", "label"})`` per non-blank ``sentence<TAB>label`` line."""
-    for n, raw in lines:
-        text = _decode(n, raw)
-        if text is None:
-            yield n, Rejected(n, "not UTF-8 text")
-            continue
-        if not text.strip():
+    for n, text in _text_lines(lines):
+        if isinstance(text, Rejected):
+            yield n, text
             continue
         cols = text.split("\t")
         if len(cols) != 2:

@@ -65,7 +65,7 @@ class Generator:
         from peft import PeftModel
 
         base = checkpoint_base(checkpoint_dir)
-        if _norm(base) != _norm(self.base_path):
+        if base_key(base) != base_key(self.base_path):
             raise CheckpointError(f"{checkpoint_dir}: checkpoint was made for base model {base!r}, "
                                   f"not {self.base_path!r}")
         name = f"ckpt{self._n}"
@@ -171,6 +171,7 @@ def _check_canonical(tokenizer, walkers) -> None:
                     "this tokenizer merges across answer lines", off, len(walkers))
 
 
-def _norm(path: str) -> str:
+def base_key(path: str) -> str:
+    """A base model's identity for comparison: the resolved folder if it exists, else the hub id."""
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
