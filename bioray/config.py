@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
@@ -75,8 +76,8 @@ class CorpusSection:
     """Prompt layout; the answer follows it directly. Default: the paper's layout."""
     max_rejected_fraction: float = 0.001
     """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
-    records_per_shard: int = 50_000
-    """Rows per Parquet shard in run.dir/corpus/."""
+    shard_mib: int = 64
+    """In-memory MiB of records gathered into one Parquet shard of run.dir/corpus/ (smaller on disk)."""
 
 
 @dataclass
@@ -118,11 +119,11 @@ class DataSection:
     cache_dir: Optional[str] = None
     """Tokenised cache and built tiny models; null = ~/.cache/bioray (or $BIORAY_CACHE)."""
     tokenise_batch_size: int = 2048
-    """Records per Ray Data tokenisation batch."""
-    tokenise_actors: int = 2
-    """Ray Data actors that tokenise (each loads the tokenizer once)."""
-    tokenise_cpus: float = 0.5
-    """Logical CPUs per tokenising actor (fractions fit small clusters)."""
+    """Records per tokenising task (corpus row groups are grouped up to about this many)."""
+    tokenise_tasks: Optional[int] = None
+    """Most tokenising tasks at once; null = as many as the cluster's CPUs allow."""
+    tokenise_cpus: float = 1.0
+    """Logical CPUs per tokenising task (each task reads, tokenises and writes one block)."""
 
 
 @dataclass
@@ -216,6 +217,34 @@ class EvalSection:
 
 
 @dataclass
+class TuneSection:
+    num_samples: int = 4
+    """Trials in the search."""
+    max_concurrent_trials: Optional[int] = None
+    """Trials at once; null = as many as the cluster's CPUs (GPUs) fit beside the scorer pool."""
+    scheduler: str = "asha"
+    """asha (stops trials that score low at a checkpoint, on the task score) | fifo (every trial runs to the end)."""
+    search: str = "random"
+    """random | optuna (model-based; needs the optuna package)."""
+    lr: Optional[list[float]] = field(default_factory=lambda: [1.0e-4, 1.0e-2])
+    """[low, high] of train.lr, sampled log-uniformly; null = not searched."""
+    rank: Optional[list[int]] = field(default_factory=lambda: [4, 8, 16])
+    """lora.rank choices; null = not searched."""
+    mixture: bool = True
+    """Search mixture.weights: one point on the simplex per trial (per-source factors, normalised)."""
+    mixture_low: float = 0.2
+    """Lowest factor a source can draw before normalising (0 lets a trial all but drop a source)."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Any other key by dotted name: {choice: [...]} | {uniform: [low, high]} | {loguniform: [low, high]}."""
+    grace_steps: Optional[int] = None
+    """ASHA: steps before a trial can be stopped; null = two checkpoints (2 x train.checkpoint_every)."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    trial_cpus: float = 0.1
+    """Logical CPUs of each trial's own process (its training workers are scheduled beside it)."""
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
@@ -225,8 +254,8 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     mixture: MixtureSection = field(default_factory=MixtureSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    tune: dict[str, Any] = field(default_factory=dict)
-    """Ray Tune search settings (see docs/config.md); unused by finetune."""
+    tune: TuneSection = field(default_factory=TuneSection)
+    """Ray Tune search (jobs/tune.py); unused by finetune."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -267,6 +296,15 @@ def _validate(cfg: Config) -> None:
         _fail("data.max_seq_len", "an integer >= 16", cfg.data.max_seq_len)
     if cfg.data.overlong not in ("drop", "truncate"):
         _fail("data.overlong", "drop | truncate", cfg.data.overlong)
+    if cfg.corpus.shard_mib < 1:
+        _fail("corpus.shard_mib", "an integer >= 1", cfg.corpus.shard_mib)
+    if cfg.data.tokenise_batch_size < 1:
+        _fail("data.tokenise_batch_size", "an integer >= 1", cfg.data.tokenise_batch_size)
+    if cfg.data.tokenise_tasks is not None and cfg.data.tokenise_tasks < 1:
+        _fail("data.tokenise_tasks", "an integer >= 1 or null", cfg.data.tokenise_tasks)
+    if not (cfg.data.tokenise_cpus > 0 and math.isfinite(cfg.data.tokenise_cpus)):
+        _fail("data.tokenise_cpus", "a positive number of CPUs", cfg.data.tokenise_cpus)
+    _validate_tune(cfg)
     t = cfg.train
     for key, value in (("train.num_workers", t.num_workers), ("train.max_steps", t.max_steps),
                        ("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
@@ -387,12 +425,70 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         _fail(prefix or "<top level>", "a mapping", data)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    data = _renamed(data, prefix)
     for k in data:
         if k not in known:
             full = f"{prefix}.{k}" if prefix else str(k)
             raise ConfigError(f"config key '{full}': unknown key (expected one of: {', '.join(sorted(known))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
+
+
+def _validate_tune(cfg: Config) -> None:
+    tu = cfg.tune
+    for key, value in (("tune.num_samples", tu.num_samples), ("tune.reduction_factor", tu.reduction_factor)):
+        if value < 1:
+            _fail(key, "an integer >= 1", value)
+    if tu.max_concurrent_trials is not None and tu.max_concurrent_trials < 1:
+        _fail("tune.max_concurrent_trials", "an integer >= 1 or null", tu.max_concurrent_trials)
+    if tu.scheduler not in ("asha", "fifo"):
+        _fail("tune.scheduler", "asha | fifo", tu.scheduler)
+    if tu.search not in ("random", "optuna"):
+        _fail("tune.search", "random | optuna", tu.search)
+    if tu.lr is not None and not (len(tu.lr) == 2 and 0 < tu.lr[0] <= tu.lr[1] and math.isfinite(tu.lr[1])):
+        _fail("tune.lr", "[low, high] with 0 < low <= high, or null", tu.lr)
+    if tu.rank is not None and (not tu.rank or any(r < 1 for r in tu.rank)):
+        _fail("tune.rank", "a non-empty list of ranks >= 1, or null", tu.rank)
+    if not (0 <= tu.mixture_low <= 1):
+        _fail("tune.mixture_low", "a factor in [0, 1]", tu.mixture_low)
+    if tu.grace_steps is not None and tu.grace_steps < 1:
+        _fail("tune.grace_steps", "an integer >= 1 or null", tu.grace_steps)
+    if not (tu.trial_cpus > 0 and math.isfinite(tu.trial_cpus)):
+        _fail("tune.trial_cpus", "a positive number of CPUs (Tune needs a non-empty bundle)", tu.trial_cpus)
+    for key, spec in tu.space.items():
+        where = f"tune.space.{key}"
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in TUNE_SPACE_KINDS):
+            _fail(where, "one of {choice: [...]}, {uniform: [low, high]}, {loguniform: [low, high]}", spec)
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
+            _fail(where, f"{kind}: a list" + ("" if kind == "choice" else " [low, high]"), args)
+        section, _, name = str(key).partition(".")
+        sub = getattr(cfg, section, None)
+        if not name or section == "tune" or sub is None or not hasattr(sub, name.split(".")[0]):
+            _fail(where, "a config key by dotted name (e.g. train.warmup_steps)", key)
+
+
+# Keys that were renamed (or dropped: None): old configs and checkpoints' bioray.yaml still
+# load, with a warning.
+RENAMED = {"data.tokenise_actors": "data.tokenise_tasks", "corpus.records_per_shard": None}
+
+
+def _renamed(data: dict, prefix: str) -> dict:
+    out = dict(data)
+    for old, new in RENAMED.items():
+        section, _, key = old.rpartition(".")
+        if section != prefix or key not in out:
+            continue
+        value = out.pop(key)
+        if new is None:
+            logging.getLogger("bioray").warning("config key '%s' is no longer used; ignoring it", old)
+            continue
+        out.setdefault(new.rpartition(".")[2], value)
+        logging.getLogger("bioray").warning("config key '%s' is now '%s'; please rename it", old, new)
+    return out
 
 
 def from_dict(data: dict) -> Config:
@@ -524,7 +620,8 @@ def reference_markdown() -> str:
             default = getattr(defaults, f.name) if defaults is not None else (
                 f.default if f.default is not dataclasses.MISSING else f.default_factory())
             shown = json.dumps(default)
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {docs.get(f.name, '')} |")
+            doc = docs.get(f.name, "").replace("|", "\\|")  # a pipe would end the table cell
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {doc} |")
         if rows:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |",
                           "|---|---|---|---|", *rows, ""])

@@ -53,51 +53,111 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+# Worker-process cache of Rust tokenizers by fingerprint: Ray reuses worker processes across
+# tasks, so each process parses a tokenizer's JSON once.
+_BACKENDS: dict[str, object] = {}
+_COLUMNS = ["id", "source", "task", "instruction", "input", "output"]
+
+
 class Tokenise:
-    """Ray Data class UDF: corpus records -> ``input_ids`` and ``labels`` (loss on the answer only)."""
+    """Ray Data UDF: corpus records -> ``input_ids`` and ``labels`` (loss on the answer only).
 
-    def __init__(self, tokenizer_path: str, template: str, max_seq_len: int, overlong: str,
-                 trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
+    Built in the driver from the loaded tokenizer. Where the tokenizer has a Rust backend that
+    gives the same ids as the transformers call (checked on sample texts), the workers rebuild
+    only that backend from its JSON: no transformers import, no Python work per token. Other
+    tokenizers travel as they are and run through transformers.
+    """
 
+    def __init__(self, tokenizer, template: str, max_seq_len: int, overlong: str,
+                 probe: Iterable[str] = (), threads: int | None = None):
         from bioray.corpus import render_prompt
 
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
         self.render = render_prompt
         self.template, self.max_len, self.overlong = template, max_seq_len, overlong
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend_json = backend.to_str() if backend is not None and _backend_agrees(tokenizer, probe) else None
+        self.tokenizer = tokenizer if self.backend_json is None else None
+        self.threads = threads
+
+    @property
+    def uses_backend(self) -> bool:
+        return self.backend_json is not None
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend_json is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        backend = _BACKENDS.get(self.fingerprint)
+        if self.threads == 1:
+            # One CPU asked, one thread used (as Ray sets OMP_NUM_THREADS): the Rust tokenizer
+            # otherwise spreads every task over all cores and the tasks fight for them.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if backend is None:
+            from tokenizers import Tokenizer
+
+            backend = _BACKENDS[self.fingerprint] = Tokenizer.from_str(self.backend_json)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pydict()
-        prompts = [self.render(self.template, i, x) for i, x in zip(rows["instruction"], rows["input"])]
-        prompt_ids = encode_prompt(self.tok, prompts)
-        answer_ids = self.tok(rows["output"], add_special_tokens=False)["input_ids"]
-        eos = self.tok.eos_token_id
+        rows = batch.select(["instruction", "input", "output"]).to_pydict()
+        prompt_ids = self._encode([self.render(self.template, i, x) for i, x in zip(rows["instruction"], rows["input"])])
+        answer_ids = self._encode(rows["output"])
+        head = [] if self.bos is None else [self.bos]
+        eos = [self.eos]
         keep, ids_out, labels_out, truncated = [], [], [], []
         for k, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-            a = [*a, eos]
+            p = head + p
+            a = a + eos
             cut = False
             if len(p) + len(a) > self.max_len:
                 # Never cut the answer: drop the record, or cut the prompt's start (after BOS).
-                room = self.max_len - len(a) - 1
+                room = self.max_len - len(a) - len(head)
                 if self.overlong == "drop" or room < 8:
                     continue
-                p, cut = p[:1] + p[len(p) - room:], True
+                p, cut = head + p[len(p) - room:], True
             keep.append(k)
             ids_out.append(p + a)
             labels_out.append([IGNORE_INDEX] * len(p) + a)
             truncated.append(cut)
-        return pa.table({
-            "id": pa.array([rows["id"][k] for k in keep], pa.string()),
-            "source": pa.array([rows["source"][k] for k in keep], pa.string()),
-            "task": pa.array([rows["task"][k] for k in keep], pa.string()),
-            "input_ids": pa.array(ids_out, pa.list_(pa.int32())),
-            "labels": pa.array(labels_out, pa.list_(pa.int32())),
-            "truncated": pa.array(truncated, pa.bool_()),
-        })
+        picked = batch.select(["id", "source", "task"])
+        if len(keep) < len(batch):
+            picked = picked.take(pa.array(keep, pa.int64()))
+        return picked.append_column("input_ids", pa.array(ids_out, pa.list_(pa.int32()))) \
+            .append_column("labels", pa.array(labels_out, pa.list_(pa.int32()))) \
+            .append_column("truncated", pa.array(truncated, pa.bool_()))
+
+
+def _backend_agrees(tokenizer, texts: Iterable[str]) -> bool:
+    """Whether the Rust backend alone gives the transformers call's ids on these texts."""
+    texts = list(texts)
+    if not texts:
+        return False
+    backend = tokenizer.backend_tokenizer
+    direct = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return direct == tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def probe_texts(corpus_dir: Path, template: str, n: int = 64) -> list[str]:
+    """Prompts and answers of the first records: where the backend check looks."""
+    from bioray.corpus import render_prompt
+    from bioray.corpus.build import _shards
+
+    for path in _shards(corpus_dir):
+        f = pq.ParquetFile(path)
+        if f.metadata.num_row_groups:
+            rows = f.read_row_group(0, columns=["instruction", "input", "output"]).slice(0, n).to_pydict()
+            return [render_prompt(template, i, x) for i, x in zip(rows["instruction"], rows["input"])] + rows["output"]
+    return []
 
 
 def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]:
     """Tokenises the corpus's train split once, or reuses the cache.
+
+    One fused Ray Data task per block of about ``data.tokenise_batch_size`` records reads its
+    Parquet row groups, tokenises them and writes the cache shard (read, tokenise and write
+    ask the same CPUs, so Ray Data runs them as one task: no hand-over between processes).
 
     Args:
         cfg: The run's config.
@@ -128,29 +188,21 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     start = time.time()
-    # Leave a whole CPU for the read and write tasks: Ray Data's file-listing task asks for 1 CPU
-    # whatever the read's num_cpus, and actors that hold the rest of the cluster starve it; the
-    # pipeline then waits forever (seen here: 2 actors x 0.75 CPU on 2 CPUs).
-    total = ray.cluster_resources().get("CPU", 1.0)
-    actor_cpus = min(cfg.data.tokenise_cpus, max(0.1, (total - 1.0) / cfg.data.tokenise_actors))
-    if actor_cpus < cfg.data.tokenise_cpus:
-        log.info("tokenising actors get %.2f CPU each (data.tokenise_cpus=%s does not fit %g CPUs)",
-                 actor_cpus, cfg.data.tokenise_cpus, total)
+    # A request larger than the whole cluster would wait forever (a 1-CPU laptop, say).
+    cpus = min(cfg.data.tokenise_cpus, ray.cluster_resources().get("CPU", 1.0))
+    fn = Tokenise(tokenizer, cfg.corpus.template, cfg.data.max_seq_len, cfg.data.overlong,
+                  probe=probe_texts(corpus_dir, cfg.corpus.template), threads=max(1, int(cpus)))
+    if not fn.uses_backend:
+        log.info("tokenising through transformers (the tokenizer has no Rust backend that gives the same ids)")
     try:
-        # Blocks of one tokenising batch each: a corpus shard is one block, and one block feeds
-        # one actor, so without this a small corpus keeps every other actor idle.
-        ds = corpus_dataset(corpus_dir, split="train").repartition(
-            target_num_rows_per_block=cfg.data.tokenise_batch_size)
-        ds = ds.map_batches(
-            Tokenise,
-            fn_constructor_kwargs=dict(tokenizer_path=base_path, template=cfg.corpus.template,
-                                       max_seq_len=cfg.data.max_seq_len, overlong=cfg.data.overlong,
-                                       trust_remote_code=cfg.model.trust_remote_code),
-            batch_size=cfg.data.tokenise_batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenise_actors),
-            num_cpus=actor_cpus,
-        )
-        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": LIGHT_CPUS})
+        ds = corpus_dataset(corpus_dir, split="train", columns=_COLUMNS, num_cpus=cpus,
+                            rows_per_block=cfg.data.tokenise_batch_size)
+        ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
+                            concurrency=cfg.data.tokenise_tasks)
+        # Ray Data reserves a share of the cluster per operator; with the single fused operator
+        # here that only idles CPUs (measured: one task at a time on 2 CPUs, twice the time).
+        ds.context.op_resource_reservation_enabled = False
+        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus})
         meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out)
@@ -245,17 +297,21 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     from ray.data.expressions import col
 
-    base = ray.data.read_parquet(str(cache_dir / "data"), columns=["source", "input_ids", "labels"],
-                                 num_cpus=LIGHT_CPUS)
+    from bioray.corpus.build import read_row_groups
+
+    # Not read_parquet: its file-listing task asks a whole CPU, which a Tune trial may never get
+    # while other trials train (seen here: a search waited forever on 0.9 free CPUs).
+    base = read_row_groups(sorted(str(p) for p in (cache_dir / "data").glob("*.parquet")),
+                           columns=["source", "input_ids", "labels"], num_cpus=LIGHT_CPUS)
     parts = []
     for i, (name, n) in enumerate(sorted(plan.items())):
         ds = base.filter(expr=col("source") == name, num_cpus=LIGHT_CPUS)
         repeats = math.ceil(n / counts[name])
         if repeats > 1:
             ds = ds.union(*[ds] * (repeats - 1))
-        parts.append(ds.random_shuffle(seed=seed + i).limit(n))
+        parts.append(ds.random_shuffle(seed=seed + i, num_cpus=LIGHT_CPUS).limit(n))
     mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    mixed = mixed.random_shuffle(seed=seed + 1000)
+    mixed = mixed.random_shuffle(seed=seed + 1000, num_cpus=LIGHT_CPUS)
     log.info("mixture for this run: %s (%d records per epoch)", plan, sum(plan.values()))
     return mixed.map_batches(
         _pack_batch, fn_kwargs=dict(max_len=cfg.data.max_seq_len, packing=cfg.data.packing, seed=seed),

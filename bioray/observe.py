@@ -85,6 +85,14 @@ class MetricsLog:
                     tb.add_scalar(f"eval/{source}/{metric}", value, step)
         tb.flush()
 
+    def latest_score(self) -> dict | None:
+        """The newest scored checkpoint so far: ``{"step", "score"}``, or None before any."""
+        scored = [r for r in self.records if r["kind"] == "eval" and r.get("score") is not None]
+        if not scored:
+            return None
+        last = max(scored, key=lambda r: r["step"])
+        return {"step": last["step"], "score": last["score"]}
+
     def close(self) -> list[dict]:
         """Flushes TensorBoard and returns every record (train and eval, in the order logged)."""
         if self._tb is not None:
@@ -184,6 +192,32 @@ class ReportToLog(UserCallback):
         # metrics[i] is worker i's dict; the loop all-reduces before reporting, so rank 0's is the run's.
         if metrics and "step" in metrics[0]:
             _send(self.metrics_log.train.remote(metrics[0]), f"step {metrics[0]['step']}")
+
+
+def tune_report_callback(metrics_log):
+    """A Ray Train callback that forwards each report to Ray Tune with the latest task score.
+
+    Checkpoint scores arrive asynchronously, after the report that made the checkpoint, and never
+    reach Tune by themselves (FACTS.md); so every report carries ``latest_score`` (and
+    ``latest_score_step``), the newest score the metrics log has, for the scheduler to act on.
+    Built on demand: ``TuneReportCallback`` only exists inside a Tune session.
+    """
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TuneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                try:
+                    latest = ray.get(metrics_log.latest_score.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - a late score only delays the scheduler
+                    latest = None
+                if latest is not None:
+                    metrics = [{**metrics[0], "latest_score": latest["score"],
+                                "latest_score_step": latest["step"]}, *metrics[1:]]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return TuneReport()
 
 
 class LoggedValidation:

@@ -56,13 +56,9 @@ def finetune(cfg: Config) -> dict:
     Returns:
         The content of ``result.json``.
     """
-    from bioray.corpus import read_manifest
     from bioray.data import tokenise
-    from bioray.evaluate.pool import source_decoding, start_pool, stop_pool, validate_checkpoint
+    from bioray.evaluate.pool import start_pool, stop_pool
     from bioray.model import resolve_base
-    from bioray.observe import start_metrics_log, stop_metrics_log
-    from bioray.report import score_table
-    from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,16 +66,38 @@ def finetune(cfg: Config) -> dict:
     corpus_dir = prepare(cfg)
     base_path = resolve_base(cfg, corpus_dir)
     cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
-
     name = pool_name(cfg)
     actors = start_pool(cfg, base_path, corpus_dir, name)
+    try:
+        return train_and_score(cfg, base_path, corpus_dir, cache_dir, cache_meta, name)
+    finally:
+        stop_pool(actors)
+
+
+def train_and_score(cfg: Config, base_path: str, corpus_dir: Path, cache_dir: Path, cache_meta: dict,
+                    pool: str, tune_reports: bool = False) -> dict:
+    """Trains one config on a tokenised cache, its checkpoints scored by the named scorer pool.
+
+    What a run does after the shared stages; a Tune trial calls it with its own config (and
+    ``tune_reports``: every training report, with the latest task score, goes to Tune).
+    Writes ``result.json``, ``scores.md``, ``report.md``, ``curves.png`` under ``cfg.run.dir``.
+    """
+    from bioray.corpus import read_manifest
+    from bioray.evaluate.pool import source_decoding, task_score, validate_checkpoint
+    from bioray.observe import start_metrics_log, stop_metrics_log
+    from bioray.report import score_table
+    from bioray.train import fit
+
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "bioray.yaml", dump(cfg))
     # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
     metrics_log = start_metrics_log(run_dir)
+    scoring = {"pool": pool, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))}
     start = time.time()
     try:
-        result, plan = fit(cfg, base_path, cache_dir, validate_checkpoint,
-                           {"pool": name, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))},
-                           metrics_log=metrics_log)
+        result, plan = fit(cfg, base_path, cache_dir, validate_checkpoint, scoring, metrics_log=metrics_log,
+                           tune_reports=tune_reports)
         if result.error:
             raise result.error
         best, best_metrics = _best_scored(result)
@@ -87,16 +105,13 @@ def finetune(cfg: Config) -> dict:
             # Scoring did not come back with the checkpoint (e.g. the task failed): score it now.
             import ray
 
-            from bioray.evaluate.pool import run_pool, task_score
-
             log.warning("checkpoint %s has no task score yet; scoring it now", best.path)
-            results, _ = run_pool(actors, best)
+            results = validate_checkpoint(best, **scoring)["eval"]
             best_metrics = {**best_metrics, "eval": results, "score": task_score(cfg, results)}
             if best_metrics.get("step") is not None:
                 ray.get(metrics_log.scores.remote(best_metrics["step"], best_metrics["score"], results,
                                                   Path(best.path).name))
     finally:
-        stop_pool(actors)
         records = stop_metrics_log(metrics_log, run_dir)
     final = result.metrics or {}
     out = {
@@ -120,7 +135,8 @@ def finetune(cfg: Config) -> dict:
     table = score_table(cfg, out["eval"])
     write_text(run_dir / "scores.md", table + "\n")
     write_run_report(cfg, out, records, run_dir)
-    print(table)
+    if not tune_reports:
+        print(table)
     return out
 
 

@@ -225,7 +225,7 @@ class _nullcontext:
 
 
 def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, validation_kwargs: dict | None = None,
-        metrics_log=None):
+        metrics_log=None, tune_reports: bool = False):
     """Runs ``TorchTrainer`` for one config and returns Ray Train's ``Result``.
 
     Args:
@@ -236,13 +236,15 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         validation_kwargs: JSON-serialisable keyword arguments for ``validation_fn``.
         metrics_log: A ``bioray.observe.MetricsLog`` actor; every report and every checkpoint's
             scores are sent to it (None = not logged).
+        tune_reports: Inside a Tune trial: forward every report to Tune, with the latest task
+            score from ``metrics_log`` (see ``bioray.observe.tune_report_callback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
     from bioray.data import training_dataset
-    from bioray.observe import LoggedValidation, ReportToLog
+    from bioray.observe import LoggedValidation, ReportToLog, tune_report_callback
 
     train_ds, plan = training_dataset(cfg, cache_dir)
     # Mix, shuffle and pack once, before the workers hold their CPUs: on a small cluster the
@@ -257,6 +259,9 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
     if t.use_gpu:
         resources["GPU"] = 1
     scored = validation_fn is not None
+    callbacks = [ReportToLog(metrics_log)] if metrics_log is not None else []
+    if tune_reports:
+        callbacks.append(tune_report_callback(metrics_log))
     run_config = RunConfig(
         name="checkpoints",
         storage_path=cfg.run.storage or str(Path(cfg.run.dir).resolve()),
@@ -267,7 +272,7 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         ),
         failure_config=FailureConfig(max_failures=t.max_failures),
         # Runs in the Train controller: one record per report, however many workers report it.
-        callbacks=[ReportToLog(metrics_log)] if metrics_log is not None else [],
+        callbacks=callbacks,
         # Ray Train's INFO lines (each worker's every report, worker-group start-up) repeat what
         # rank 0's step lines and the scorer's lines already say; warnings and errors still show.
         logging_config=LoggingConfig(log_level="WARNING"),

@@ -1,6 +1,7 @@
 """Shared fixtures: the project root, the real data folder, and one local Ray per session."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,3 +22,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the project)")
     return SHARED_DATA
+
+
+def run_job(*args, env=None, timeout=900):
+    """Runs a job script from the project root, as a user would."""
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One bioray cache per test session: the tiny base is built once, shared by the job tests."""
+    return tmp_path_factory.mktemp("bioray-cache")

@@ -39,6 +39,9 @@ def test_quickstart_loads_and_overrides_apply_in_order(tmp_path):
     ("train.zero_stage=4", "train.zero_stage"),
     ("eval.decoding=beam", "eval.decoding"),
     ("data.overlong=cut", "data.overlong"),
+    ("data.tokenise_tasks=0", "data.tokenise_tasks"),
+    ("data.tokenise_cpus=0", "data.tokenise_cpus"),
+    ("data.tokenise_batch_size=0", "data.tokenise_batch_size"),
     ("mixture.weights.nope=1", "mixture.weights.nope"),
     ("mixture.weights.sample_clinical_nli=-1", "mixture.weights.sample_clinical_nli"),
     ("mixture.weights.sample_clinical_nli=.nan", "mixture.weights.sample_clinical_nli"),
@@ -50,6 +53,17 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load(ROOT / "configs" / "quickstart.yaml", [override])
     assert key in str(e.value)
+
+
+def test_a_renamed_key_still_loads_with_a_warning(caplog):
+    cfg = load(ROOT / "configs" / "quickstart.yaml", ["data.tokenise_actors=3"])
+    assert cfg.data.tokenise_tasks == 3
+    assert "data.tokenise_tasks" in caplog.text
+    with pytest.raises(ConfigError, match="data.tokenise_tasks"):
+        load(ROOT / "configs" / "quickstart.yaml", ["data.tokenise_actors=0"])
+    caplog.clear()
+    load(ROOT / "configs" / "quickstart.yaml", ["corpus.records_per_shard=10"])  # dropped: ignored
+    assert "corpus.records_per_shard" in caplog.text
 
 
 def test_all_zero_weights_fail():

@@ -206,6 +206,39 @@ def test_corpus_dataset_filters_split(tmp_path):
     assert {r["split"] for r in corpus_dataset(corpus, "validation").take_all()} == {"validation"}
 
 
+def test_corpus_reads_split_by_row_groups_and_skips_other_splits(tmp_path, monkeypatch):
+    from bioray.corpus import build
+
+    monkeypatch.setattr(build, "_ROW_GROUP_ROWS", 8)
+    def sentences(n):
+        return "\n\n".join(f"word{i}\tO\nsick{i}\tB-Disease" for i in range(n)) + "\n"
+
+    train, valid = _write(tmp_path / "train.tsv", sentences(60)), _write(tmp_path / "valid.tsv", sentences(20))
+    cfg = _cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "entity": "x",
+                           "files": {"train": train, "validation": valid}}])
+    corpus = build_corpus(cfg)
+    shards = build._shards(corpus)
+    assert sum(pq.ParquetFile(p).metadata.num_row_groups for p in shards) >= 60 // 8
+    want = {r["id"] for r in read_records(corpus, "n", "validation")}
+    # Footer statistics leave train-only row groups out of the plan (a row group where the two
+    # splits meet is read and filtered).
+    plan = build.RowGroupDatasource(shards, "validation", None, rows_per_task=16)
+    assert len(want) <= sum(u[2] for u in plan._units) <= len(want) + 2 * 8 < 80
+    ds = corpus_dataset(corpus, "validation", columns=["id", "output"], rows_per_block=16)
+    rows = ds.take_all()
+    assert {r["id"] for r in rows} == want and set(rows[0]) == {"id", "output"}
+    train_ds = corpus_dataset(corpus, "train", rows_per_block=16)
+    assert train_ds.materialize().num_blocks() >= 60 // 16
+    assert train_ds.count() == 60
+
+
+def test_corpus_dataset_of_a_split_with_no_records_is_empty(tmp_path):
+    f = _write(tmp_path / "a.tsv", IOB)
+    corpus = build_corpus(_cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "entity": "x",
+                                           "files": {"train": f}}]))
+    assert corpus_dataset(corpus, "test", columns=["id"]).count() == 0
+
+
 # ---------------------------------------------------------------- bad input
 
 

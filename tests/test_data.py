@@ -1,5 +1,6 @@
 """Tokenising (loss on the answer only), packing (examples stay apart) and mixing by weight."""
 
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,18 @@ def tokenizer_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _tokenise(tokenizer, max_len=512, overlong="drop", **kw):
+    probe = ["### Instruction:\nTag each token.", "the : O\npatient : O\ncystic : B"]
+    return Tokenise(tokenizer, TEMPLATE, max_len, overlong, probe=probe, **kw)
+
+
 def _records(n=3):
     return pa.table({
         "id": [f"s/train/{i:07d}" for i in range(n)], "source": ["s"] * n, "task": ["ner"] * n,
@@ -32,11 +45,11 @@ def _records(n=3):
     })
 
 
-def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    out = Tokenise(tokenizer_dir, TEMPLATE, 512, "drop")(_records())
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer):
+    fn = _tokenise(tokenizer)
+    assert fn.uses_backend
+    out = fn(_records())
+    tok = tokenizer
     ids, labels = out["input_ids"][0].as_py(), out["labels"][0].as_py()
     assert len(ids) == len(labels)
     answer_start = next(k for k, v in enumerate(labels) if v != IGNORE_INDEX)
@@ -47,13 +60,43 @@ def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer_dir):
     assert tok.decode(ids[1:answer_start]).endswith("### Output:\n")
 
 
-def test_overlong_records_drop_or_lose_prompt_never_answer(tokenizer_dir):
-    full = Tokenise(tokenizer_dir, TEMPLATE, 512, "drop")(_records(1))
+def test_rust_backend_and_transformers_give_the_same_rows(tokenizer):
+    records = _records(5)
+    fast = _tokenise(tokenizer, threads=1)
+    slow = Tokenise(tokenizer, TEMPLATE, 512, "drop", probe=())  # nothing to check against: transformers
+    assert fast.uses_backend and not slow.uses_backend
+    a, b = fast(records), pickle.loads(pickle.dumps(slow))(records)
+    assert a.equals(b)
+    assert a.column_names == ["id", "source", "task", "input_ids", "labels", "truncated"]
+
+
+class _Shifted:
+    """A tokenizer whose Python call does more than its Rust backend (as some slow-path tokenizers do)."""
+
+    def __init__(self, tok):
+        self.tok, self.backend_tokenizer = tok, tok.backend_tokenizer
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[i + 1 for i in ids] for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]}
+
+
+def test_a_backend_that_disagrees_with_the_tokenizer_is_not_used(tokenizer):
+    shifted = _Shifted(tokenizer)
+    fn = _tokenise(shifted)
+    assert not fn.uses_backend
+    ids = fn(_records(1))["input_ids"][0].as_py()
+    assert ids[1] == tokenizer("### Instruction:", add_special_tokens=False)["input_ids"][0] + 1
+
+
+def test_overlong_records_drop_or_lose_prompt_never_answer(tokenizer):
+    full = _tokenise(tokenizer)(_records(1))
     n = len(full["input_ids"][0].as_py())
-    assert len(Tokenise(tokenizer_dir, TEMPLATE, n - 5, "drop")(_records(1))) == 0
-    cut = Tokenise(tokenizer_dir, TEMPLATE, n - 5, "truncate")(_records(1))
+    assert len(_tokenise(tokenizer, n - 5)(_records(1))) == 0
+    cut = _tokenise(tokenizer, n - 5, "truncate")(_records(1))
     assert cut["truncated"][0].as_py() is True
     assert len(cut["input_ids"][0].as_py()) <= n - 5
+    assert cut["input_ids"][0].as_py()[0] == tokenizer.bos_token_id  # the cut is after BOS
     full_labels = [v for v in full["labels"][0].as_py() if v != IGNORE_INDEX]
     assert [v for v in cut["labels"][0].as_py() if v != IGNORE_INDEX] == full_labels
 

@@ -5,27 +5,14 @@ the tests of this module; its cache folder is private to the session.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import run_job
 
 pytestmark = pytest.mark.e2e
-
-
-def run_job(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("bioray-cache")
 
 
 @pytest.fixture(scope="module")
