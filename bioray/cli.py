@@ -77,8 +77,11 @@ def init_ray(cfg: Config) -> None:
     else:
         # A local cluster: workers import bioray from this checkout even when it is not installed.
         env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=not cfg.run.quiet,
-                 configure_logging=False)
+        # Ray's default dashboard setting (on where ray[default] is installed, failure not fatal):
+        # Ray Train's PlacementGroupCleaner asks the state API, served by the dashboard, whether a
+        # controller is still alive; without it the cleaner logs a warning every few seconds and
+        # never frees the worker group of a controller that died (a trial ASHA stopped, say).
+        ray.init(runtime_env=runtime_env, log_to_driver=not cfg.run.quiet, configure_logging=False)
     _data_progress(cfg.run.quiet)
 
 
