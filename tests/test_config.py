@@ -42,6 +42,12 @@ def test_quickstart_loads_and_overrides_apply_in_order(tmp_path):
     ("data.tokenise_tasks=0", "data.tokenise_tasks"),
     ("data.tokenise_cpus=0", "data.tokenise_cpus"),
     ("data.tokenise_batch_size=0", "data.tokenise_batch_size"),
+    ("tune.scheduler=pbt", "tune.scheduler"),
+    ("tune.lr=[0.1, 0.001]", "tune.lr"),
+    ("tune.rank=[]", "tune.rank"),
+    ("tune.trial_cpus=0", "tune.trial_cpus"),
+    ("tune.space={train.nope: {choice: [1]}}", "tune.space.train.nope"),
+    ("tune.space={train.lr: {normal: [0, 1]}}", "tune.space.train.lr"),
     ("mixture.weights.nope=1", "mixture.weights.nope"),
     ("mixture.weights.sample_clinical_nli=-1", "mixture.weights.sample_clinical_nli"),
     ("mixture.weights.sample_clinical_nli=.nan", "mixture.weights.sample_clinical_nli"),
@@ -89,7 +95,7 @@ def test_missing_config_file():
         load("/nonexistent/x.yaml")
 
 
-@pytest.mark.parametrize("job", ["prepare.py", "finetune.py", "evaluate.py"])
+@pytest.mark.parametrize("job", ["prepare.py", "finetune.py", "evaluate.py", "tune.py"])
 def test_jobs_exit_2_with_one_line_naming_the_key(job, tmp_path):
     extra = ["--predictions", str(tmp_path / "p.jsonl")] if job == "evaluate.py" else []
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--set", "train.lr=fast",
