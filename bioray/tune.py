@@ -204,8 +204,11 @@ def search(cfg: Config) -> dict:
                      concurrent, cfg.tune.scheduler, cfg.tune.search, ", ".join(space))
             tuner = tune.Tuner(
                 trainable, param_space=space,
-                tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
-                                            scheduler=_scheduler(cfg), search_alg=_search_alg(cfg, concurrent)),
+                # The random generator takes the limit itself (_search_alg); given here too, Tune
+                # would warn on every search that it ignores it.
+                tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg),
+                                            max_concurrent_trials=None if cfg.tune.search == "random" else concurrent,
+                                            search_alg=_search_alg(cfg, concurrent)),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir), verbose=0),
             )
         grid = tuner.fit()
