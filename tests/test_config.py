@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from bioray.config import Config, apply_override, dump, from_dict, load, to_dict
+from bioray.config import Config, MixtureSection, apply_override, dump, from_dict, load, to_dict
 from bioray.errors import ConfigError
 from conftest import ROOT
 
@@ -76,6 +76,52 @@ def test_all_zero_weights_fail():
     zero = ["mixture.weights={sample_disease_ner: 0, sample_gene_disease_re: 0, sample_clinical_nli: 0}"]
     with pytest.raises(ConfigError, match="mixture.weights"):
         load(ROOT / "configs" / "quickstart.yaml", zero)
+
+
+def test_a_missing_mixture_weight_counts_as_one():
+    m = MixtureSection(weights={"ner_a": 0.5, "dropped": 0.0})
+    assert (m.weight("ner_a"), m.weight("dropped"), m.weight("unlisted")) == (0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("by, weights, expected", [
+    ("source", {"sample_disease_ner": 0.5}, (0.5, 1.0, 1.0)),
+    ("task", {"re": 0.25, "nli": 0}, (1.0, 0.25, 0.0)),  # ner unlisted: 1.0
+])
+def test_source_weight_keys_on_the_source_or_its_task(by, weights, expected):
+    cfg = load(ROOT / "configs" / "quickstart.yaml", [f"mixture.by={by}", f"mixture.weights={weights}"])
+    names = ["sample_disease_ner", "sample_gene_disease_re", "sample_clinical_nli"]
+    assert tuple(cfg.source_weight(n) for n in names) == expected
+    with pytest.raises(KeyError, match="nope"):
+        cfg.source_weight("nope")
+
+
+# A search builds the corpus, base model, tokenised cache and scorer pool once from the base
+# config: a trial's value for these keys would never be used.
+@pytest.mark.parametrize("key, why", [
+    ("eval.max_examples", "eval.* is built once for the whole search (the scorer pool)"),
+    ("data.max_seq_len", "data.max_seq_len is built once for the whole search (the tokenised cache)"),
+    ("corpus.template", "corpus.* is built once for the whole search (the corpus)"),
+    ("model.name_or_path", "model.* is built once for the whole search (the base model)"),
+    ("model.tiny.hidden_size", "model.* is built once for the whole search (the base model)"),
+    ("run.seed", "run.* belongs to the whole search (its folder, seed and storage)"),
+])
+def test_tune_space_refuses_keys_a_trial_cannot_change(key, why):
+    with pytest.raises(ConfigError) as e:
+        load(ROOT / "configs" / "quickstart.yaml", [f"tune.space={{{key}: {{choice: [1, 2]}}}}"])
+    assert str(e.value) == (f"config key 'tune.space.{key}': not searchable: {why}; "
+                            "searchable keys are train.*, lora.*, mixture.* and data.packing")
+
+
+def test_tune_space_accepts_keys_a_trial_applies():
+    space = ("{train.warmup_steps: {choice: [0, 20]}, lora.dropout: {uniform: [0.0, 0.1]}, "
+             "data.packing: {choice: [true, false]}, mixture.replacement: {choice: [true, false]}}")
+    cfg = load(ROOT / "configs" / "quickstart.yaml", [f"tune.space={space}"])
+    assert list(cfg.tune.space) == ["train.warmup_steps", "lora.dropout", "data.packing", "mixture.replacement"]
+
+
+def test_tune_space_refuses_methods_of_a_section():
+    with pytest.raises(ConfigError, match="tune.space.mixture.weight': expected a config key"):
+        load(ROOT / "configs" / "quickstart.yaml", ["tune.space={mixture.weight: {choice: [1]}}"])
 
 
 def test_override_needs_key_value():

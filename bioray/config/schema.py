@@ -1,0 +1,277 @@
+"""bioray's config schema: one typed dataclass per section, every default and its meaning.
+
+Defaults live here and nowhere else: each field has its default and, under it, a docstring
+(docs/config.md is generated from them by :mod:`bioray.config.docs`). Building a
+:class:`Config` checks it (:mod:`bioray.config.validate`); reading YAML, ``--set`` overrides and
+the plain-dict form live in :mod:`bioray.config.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from bioray.config.validate import validate
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/quickstart"
+    """Everything a run writes goes under this folder (a local path)."""
+    seed: int = 0
+    """Seeds instruction draws, mixing, LoRA init and data order."""
+    storage: Optional[str] = None
+    """Where Ray Train persists checkpoints (local path or s3://...); null = run.dir (checkpoints/ in it)."""
+    quiet: bool = False
+    """Silence progress lines (the jobs' `--quiet` sets it)."""
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Unique source name; mixture weights, reports and record ids key on it."""
+    format: str = "iob"
+    """File layout: iob | re_masked | nli | multilabel | instructions."""
+    task: str = "ner"
+    """ner | re | nli | cls | qa: decides the answer parser and the metric."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Split name (train/validation/test) -> file path (relative to the working directory)."""
+    entity: Optional[str] = None
+    """iob only: what the instruction asks the model to tag (e.g. disease)."""
+    typed: bool = False
+    """iob only: keep entity types in the answer tags (B-protein) instead of plain B/I/O."""
+    labels: Optional[dict[Any, str]] = None
+    """re_masked/multilabel: raw label -> answer word. Keys match the raw label's text."""
+    negative_label: Optional[str] = None
+    """re_masked: the answer word that RE f1 leaves out (e.g. false)."""
+    none_label: str = "none"
+    """multilabel: the answer when a text has no label."""
+    instructions: Optional[list[str]] = None
+    """Paraphrased instructions to draw from; null = bioray's own set for the task."""
+    reference: Optional[dict[str, Any]] = None
+    """Published scores to print beside ours, e.g. {metric: f1, paper_13b: 85.69} (percent)."""
+
+
+@dataclass
+class CorpusSection:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """One entry per source dataset."""
+    sample_dir: Optional[str] = None
+    """If set, bioray first writes its synthetic sample files (iob/re/nli) into this folder."""
+    template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
+    """Prompt layout; the answer follows it directly. Default: the paper's layout."""
+    max_rejected_fraction: float = 0.001
+    """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
+    shard_mib: int = 64
+    """In-memory MiB of records gathered into one Parquet shard of run.dir/corpus/ (smaller on disk)."""
+
+
+@dataclass
+class TinyModelSection:
+    vocab_size: int = 2048
+    """BPE vocabulary trained on the corpus."""
+    hidden_size: int = 256
+    """Model width."""
+    num_layers: int = 4
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    pretrain_steps: int = 500
+    """Full-parameter causal-LM steps on the corpus text before LoRA (random bases learn nothing)."""
+    pretrain_batch_size: int = 8
+    """Sequences (of 256 tokens) per pretraining step."""
+    pretrain_lr: float = 2.0e-3
+    """Peak learning rate of pretraining."""
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = "tiny"
+    """`tiny` (built and cached locally), a hub id, or a local Hugging Face folder."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; off unless you trust the model's code."""
+    tiny: TinyModelSection = field(default_factory=TinyModelSection)
+    """Shape and pretraining of the `tiny` base."""
+
+
+@dataclass
+class DataSection:
+    max_seq_len: int = 512
+    """Longest tokenised example (prompt + answer + EOS) and packed sequence length."""
+    packing: bool = True
+    """Pack several examples per sequence; each attends only within itself."""
+    overlong: str = "drop"
+    """Examples longer than max_seq_len: drop | truncate (truncate cuts the prompt, never the answer)."""
+    cache_dir: Optional[str] = None
+    """Tokenised cache and built tiny models; null = ~/.cache/bioray (or $BIORAY_CACHE)."""
+    tokenise_batch_size: int = 2048
+    """Records per tokenising task (corpus row groups are grouped up to about this many)."""
+    tokenise_tasks: Optional[int] = None
+    """Most tokenising tasks at once; null = as many as the cluster's CPUs allow."""
+    tokenise_cpus: float = 1.0
+    """Logical CPUs per tokenising task (each task reads, tokenises and writes one block)."""
+
+
+@dataclass
+class TrainSection:
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL, bf16); false = CPU (gloo, fp32)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs reserved per worker; fractions leave room for Ray Data and scorers."""
+    max_steps: int = 200
+    """Optimizer steps per worker."""
+    lr: float = 2.0e-4
+    """Peak learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0 = off)."""
+    micro_batch_size: int = 4
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload: bool = False
+    """ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory."""
+    full_finetune: bool = False
+    """Train every weight instead of a LoRA adapter (the paper's setting)."""
+    report_every: int = 20
+    """Steps between metric reports (a report costs about a second)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Best checkpoints kept by eval score."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from, resuming at the latest checkpoint."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class LoraSection:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha (scale = alpha / rank)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+
+
+@dataclass
+class MixtureSection:
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per source (or task, with by: task) weight; missing ones weigh 1.0; 0 drops it."""
+    by: str = "source"
+    """source | task: what the weights key on."""
+    replacement: bool = False
+    """Draw with replacement (small sources repeat) or without (an epoch ends when one runs out)."""
+    epoch_size: Optional[int] = None
+    """Records one mixed epoch draws; null = as many as the weights allow without replacement."""
+
+    def weight(self, key: str) -> float:
+        """The weight of a source name (or of a task name, with ``by: task``).
+
+        Args:
+            key: A source name, or a task name when ``by`` is ``task``.
+
+        Returns:
+            Its weight in ``weights``; 1.0 when it has none (every source weighs the same
+            unless told otherwise).
+        """
+        return self.weights.get(key, 1.0)
+
+
+@dataclass
+class EvalSection:
+    split: str = "validation"
+    """Split of each source that is scored."""
+    max_examples: Optional[int] = 64
+    """Examples per source; null = all."""
+    decoding: str = "free"
+    """free (greedy/beam text, parsed afterwards: the paper) | constrained (answers always parse)."""
+    batch_size: int = 32
+    """Examples per generation batch."""
+    num_beams: int = 1
+    """Beam width for free decoding (the paper: 4)."""
+    max_new_tokens: Optional[int] = None
+    """Answer length cap; null = from the longest reference answer."""
+    num_actors: int = 1
+    """Scorer actors in the evaluation pool."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs per scorer actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per scorer actor (fractions share a GPU)."""
+    score: str = "mean"
+    """Checkpoint score: mean (of each source's primary metric) or SOURCE/METRIC."""
+
+
+@dataclass
+class TuneSection:
+    num_samples: int = 4
+    """Trials in the search."""
+    max_concurrent_trials: Optional[int] = None
+    """Trials at once; null = as many as the cluster's CPUs (GPUs) fit beside the scorer pool."""
+    scheduler: str = "asha"
+    """asha (stops trials that score low at a checkpoint, on the task score) | fifo (every trial runs to the end)."""
+    search: str = "random"
+    """random | optuna (model-based; needs the optuna package)."""
+    lr: Optional[list[float]] = field(default_factory=lambda: [1.0e-4, 1.0e-2])
+    """[low, high] of train.lr, sampled log-uniformly; null = not searched."""
+    rank: Optional[list[int]] = field(default_factory=lambda: [4, 8, 16])
+    """lora.rank choices; null = not searched."""
+    mixture: bool = True
+    """Search mixture.weights: one point on the simplex per trial (per-source factors, normalised)."""
+    mixture_low: float = 0.2
+    """Lowest factor a source can draw before normalising (0 lets a trial all but drop a source)."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Any other train.*, lora.*, mixture.* key or data.packing, by dotted name (the rest is built once per
+    search): {choice: [...]} | {uniform: [low, high]} | {loguniform: [low, high]}."""
+    grace_steps: Optional[int] = None
+    """ASHA: steps before a trial can be stopped; null = two checkpoints (2 x train.checkpoint_every)."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    trial_cpus: float = 0.1
+    """Logical CPUs of each trial's own process (its training workers are scheduled beside it)."""
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    mixture: MixtureSection = field(default_factory=MixtureSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    """Ray Tune search (jobs/tune.py); unused by finetune."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def source_weight(self, source_name: str) -> float:
+        """The mixture weight that applies to a source: its own, or its task's with ``mixture.by: task``.
+
+        Args:
+            source_name: A name from ``corpus.sources``.
+
+        Returns:
+            The weight (1.0 where ``mixture.weights`` leaves it out).
+
+        Raises:
+            KeyError: no source of that name in ``corpus.sources``.
+        """
+        source = next((s for s in self.corpus.sources if s.name == source_name), None)
+        if source is None:
+            raise KeyError(f"no source named {source_name!r} in corpus.sources")
+        return self.mixture.weight(source.task if self.mixture.by == "task" else source.name)
