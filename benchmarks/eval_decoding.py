@@ -32,9 +32,10 @@ import torch  # noqa: E402
 
 from bioray import config  # noqa: E402
 from bioray.corpus import read_manifest  # noqa: E402
-from bioray.evaluate.generate import Generator, checkpoint_base  # noqa: E402
+from bioray.checkpoint import checkpoint_base  # noqa: E402
+from bioray.evaluate.generate import Generator  # noqa: E402
 from bioray.evaluate.pool import answer_specs, eval_items, score_predictions, source_decoding  # noqa: E402
-from bioray.pipeline import prepare  # noqa: E402
+from bioray.recipes import prepare  # noqa: E402
 
 log = logging.getLogger("bioray")
 

@@ -33,9 +33,9 @@ def main() -> None:
     import ray
 
     from bioray.config import load
-    from bioray.evaluate.generate import checkpoint_base
+    from bioray.checkpoint import checkpoint_base
     from bioray.evaluate.pool import run_pool, start_pool, stop_pool
-    from bioray.pipeline import prepare
+    from bioray.recipes import prepare
 
     ckpt = find_checkpoint(Path(args.build_dir))
     cfg = load(ckpt / "bioray.yaml", ["eval.max_examples=null", "eval.batch_size=32", "eval.decoding=free",

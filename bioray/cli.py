@@ -1,4 +1,7 @@
-"""What every job shares: arguments, logging, Ray start-up and the exit-2 contract."""
+"""What every job shares: arguments, the config, Ray start-up and the exit-2 contract.
+
+Logging set-up lives in :mod:`bioray.logs`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable
 
 from bioray.config import Config, load
 from bioray.errors import BiorayError
+from bioray.logs import OneLineProgress, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -35,23 +39,12 @@ def config_from(args: argparse.Namespace) -> Config:
     return load(args.config or DEFAULT_CONFIG, overrides)
 
 
-def setup_logging(quiet: bool) -> None:
-    """Plain timestamped progress lines on stdout; stderr is kept for the one-line error.
-
-    Ray's own driver-side logs go through the same handler (``configure_logging=False`` in
-    :func:`init_ray`), so a bad input found after Ray started still leaves exactly one line on
-    stderr.
-    """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "transformers", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if quiet or not sys.stdout.isatty():
-        # transformers' "Loading weights"/"Writing model shards" bars are \r walls in a log; read
-        # when transformers is imported, so set before (and inherited by Ray's workers, see init_ray).
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        if "transformers" in sys.modules:
-            sys.modules["transformers"].utils.logging.disable_progress_bar()
+def start(args: argparse.Namespace) -> Config:
+    """What every job does first: the resolved config, logging, and Ray (joined or started)."""
+    cfg = config_from(args)
+    setup_logging(cfg.run.quiet)
+    init_ray(cfg)
+    return cfg
 
 
 def init_ray(cfg: Config) -> None:
@@ -63,7 +56,7 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
     # bioray's progress lines from scorer actors and validation tasks (see worker_logging).
-    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "bioray.cli.worker_logging"}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "bioray.logs.worker_logging"}
     bars = sys.stdout.isatty() and not cfg.run.quiet
     if not bars:
         # Bars from workers (Ray Data in train workers, transformers in scorer actors) turn logs
@@ -106,43 +99,22 @@ def _data_progress(quiet: bool) -> None:
     they still go to the session's ray-data.log.
     """
     import ray.data
-    from ray.util.debug import log_once
+
+    from bioray._ray import DATA_PROGRESS_LOGGER, say_once_already
+    from bioray.logs import PROGRESS_OFF_WARNINGS
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     # Without a terminal, one line per dataset per interval, not one per operator as well.
     ctx.enable_operator_progress_bars = sys.stdout.isatty()
-    logging.getLogger("ray.data._internal.progress.logging_progress").addFilter(_OneLineProgress())
+    logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(OneLineProgress())
     # Ray Data warns once per process that (operator) bars are off; that is what was asked for.
-    log_once("ray_data_progress_manager_disabled")
-    log_once("ray_data_progress_manager_global")
+    say_once_already(*PROGRESS_OFF_WARNINGS)
     # Ray Data configures its "ray.data" logger (own console handler, propagate=False) when it is
     # imported, so the level set in setup_logging does not reach it: quiet its console handler.
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(logging.WARNING if quiet else logging.INFO)
-
-
-def worker_logging() -> None:
-    """Ray's ``worker_process_setup_hook``: the "bioray" logger prints INFO lines in every worker.
-
-    Ray leaves a worker's root logger at WARNING (Ray Train configures its own workers only), so
-    the scorer's "examples/s" lines and the validation task's scores were dropped; Ray forwards
-    what a worker prints to the driver's stdout (not with ``--quiet``: ``log_to_driver=False``).
-    The logger stops at its own handler, so lines are not doubled where root prints too.
-    """
-    logger = logging.getLogger("bioray")
-    if not any(getattr(h, "_bioray", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"))
-        handler._bioray = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    from ray.util.debug import log_once
-
-    # The training set's progress is off on purpose (bioray.train.fit); no warning about it.
-    log_once("ray_data_progress_manager_disabled")
 
 
 def main(fn: Callable[[], None]) -> Callable[[], None]:
@@ -170,24 +142,3 @@ def main(fn: Callable[[], None]) -> Callable[[], None]:
             sys.exit(1)
 
     return wrapper
-
-
-class _OneLineProgress(logging.Filter):
-    """Folds Ray Data's non-TTY progress block into one line: ``<dataset>: <rows>/<total> rows``.
-
-    Ray Data (2.60) logs a block every interval: a ``==== Running Dataset: X ====`` header, a
-    ``Total Progress: n/m`` line, a resources line and a ``====`` footer. Lines of any other shape
-    pass through unchanged, so a future format shows more lines rather than none.
-    """
-
-    dataset = "dataset"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg.startswith("======= Running Dataset: "):
-            self.dataset = msg[len("======= Running Dataset: "):].strip(" =")
-            return False
-        if msg.startswith("Total Progress: "):
-            record.msg, record.args = f"{self.dataset}: {msg[len('Total Progress: '):]} rows", ()
-            return True
-        return not (msg.startswith("Active & requested resources: ") or msg == "" or set(msg) == {"="})

@@ -28,20 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bioray.config import Config
-from bioray.corpus.build import LIGHT_CPUS
+from bioray.corpus.read import LIGHT_CPUS
 from bioray.errors import ConfigError, DataError
 
 log = logging.getLogger("bioray")
 
 TOKENISE_VERSION = "1"
 IGNORE_INDEX = -100  # labels value that the loss skips (transformers' convention)
-
-
-def encode_prompt(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of rendered prompts, with BOS where the tokenizer has one (training and generation agree)."""
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [[bos, *x] for x in ids] if bos is not None else ids
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -142,9 +135,9 @@ def _backend_agrees(tokenizer, texts: Iterable[str]) -> bool:
 def probe_texts(corpus_dir: Path, template: str, n: int = 64) -> list[str]:
     """Prompts and answers of the first records: where the backend check looks."""
     from bioray.corpus import render_prompt
-    from bioray.corpus.build import _shards
+    from bioray.corpus.read import shard_paths
 
-    for path in _shards(corpus_dir):
+    for path in shard_paths(corpus_dir):
         f = pq.ParquetFile(path)
         if f.metadata.num_row_groups:
             rows = f.read_row_group(0, columns=["instruction", "input", "output"]).slice(0, n).to_pydict()
@@ -258,10 +251,9 @@ def mixture_counts(cfg: Config, counts: dict[str, int], tasks: dict[str, str]) -
         per_task: dict[str, int] = {}
         for name, n in counts.items():
             per_task[tasks[name]] = per_task.get(tasks[name], 0) + n
-        weights = {name: m.weights.get(tasks[name], 1.0) * n / max(per_task[tasks[name]], 1)
-                   for name, n in counts.items()}
+        weights = {name: m.weight(tasks[name]) * n / max(per_task[tasks[name]], 1) for name, n in counts.items()}
     else:
-        weights = {name: m.weights.get(name, 1.0) for name in counts}
+        weights = {name: m.weight(name) for name in counts}
     weights = {k: w for k, w in weights.items() if w > 0 and counts[k] > 0}
     if not weights:
         raise ConfigError("config key 'mixture.weights': every source with training data weighs 0")
@@ -297,7 +289,7 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     from ray.data.expressions import col
 
-    from bioray.corpus.build import read_row_groups
+    from bioray.corpus.read import read_row_groups
 
     # Not read_parquet: its file-listing task asks a whole CPU, which a Tune trial may never get
     # while other trials train (seen here: a search waited forever on 0.9 free CPUs).

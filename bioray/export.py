@@ -19,12 +19,11 @@ import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from bioray.errors import CheckpointError, OutputError
+from bioray.checkpoint import ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, checkpoint_base, is_full
+from bioray.errors import OutputError
 
 log = logging.getLogger("bioray")
 
-CONFIG_FILE = "bioray.yaml"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Tokenizer files any tokenizer class may have saved (fast, sentencepiece, BPE vocab, chat template).
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                       "chat_template.*", "*.model")
@@ -50,21 +49,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
             that no longer exists (merge).
         OutputError: ``out`` is a file or a non-empty folder.
     """
-    from bioray.config import load
-    from bioray.evaluate.generate import base_key, checkpoint_base
-
     ckpt = Path(checkpoint).resolve()
     dest = Path(out).expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OutputError(f"{dest}: already exists and is not an empty folder; choose a new --out")
-    base = checkpoint_base(ckpt)  # checks the folder is complete
-    full = not (ckpt / "adapter_config.json").is_file()
-    if expected_base is not None:
-        # The config's model.name_or_path ("tiny", a hub id, a folder) or the adapter's resolved base.
-        named = load(ckpt / CONFIG_FILE).model.name_or_path
-        if expected_base != named and (full or base_key(expected_base) != base_key(base)):
-            made_for = named if full else base
-            raise CheckpointError(f"{ckpt}: checkpoint was made for base model {made_for!r}, not {expected_base!r}")
+    # Checks the folder is complete, and (given a base) that it was made for that base.
+    base = checkpoint_base(ckpt) if expected_base is None else check_base(ckpt, expected_base)
+    full = is_full(ckpt)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -96,10 +87,7 @@ def _merge(ckpt: Path, base: str, out: Path) -> None:
     from bioray.model import load_base, load_tokenizer
 
     cfg = load(ckpt / CONFIG_FILE)
-    looks_local = base.startswith((".", "/", "~"))
-    if looks_local and not Path(base).expanduser().is_dir():
-        raise CheckpointError(f"{ckpt}: its base model folder {base!r} no longer exists; rebuild it with "
-                              f"jobs/finetune.py or fix base_model_name_or_path in adapter_config.json")
+    check_base_exists(ckpt, base)
     # Merge in fp32 (W + B @ A * scale, rounded once), then store in the dtype the base ships in.
     model = load_base(base, cfg, dtype=torch.float32)
     saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -22,10 +21,11 @@ import torch
 
 from bioray.config import Config
 from bioray.errors import ConfigError
+from bioray.optim import lr_schedule
 
 log = logging.getLogger("bioray")
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"  # 2: transformers' warmup + cosine schedule (bioray.optim)
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
@@ -209,14 +209,7 @@ def _pretrain(model, tokenizer, texts: list[str], cfg: Config) -> None:
     if len(rows) == 0:
         raise ConfigError("model.name_or_path: tiny needs more corpus text than one sequence")
     opt = torch.optim.AdamW(model.parameters(), lr=t.pretrain_lr, weight_decay=0.01)
-    warmup = max(1, t.pretrain_steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, t.pretrain_steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = lr_schedule(opt, max(1, t.pretrain_steps // 20), t.pretrain_steps)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()
     start, last_log = time.time(), time.time()

@@ -25,9 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-# ray.train.UserCallback, imported from where it lives: the re-export exists only when
-# RAY_TRAIN_V2_ENABLED was set before ray.train was first imported.
-from ray.train.v2.api.callback import UserCallback
+from bioray._ray import UserCallback
+from bioray.files import write_text
 
 log = logging.getLogger("bioray")
 
@@ -133,8 +132,6 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
-    from bioray.pipeline import write_text
-
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bioray.config import Config
-
-PRIMARY = {"ner": "f1", "re": "f1", "cls": "f1", "nli": "accuracy", "qa": "accuracy"}
+from bioray.evaluate.metrics import PRIMARY_METRIC
 
 
 def score_table(cfg: Config, results: dict, split: str | None = None) -> str:
@@ -29,7 +28,7 @@ def score_table(cfg: Config, results: dict, split: str | None = None) -> str:
     for name, m in results.items():
         src = sources.get(name)
         task = src.task if src else "?"
-        metric = PRIMARY.get(task, "accuracy")
+        metric = PRIMARY_METRIC.get(task, "accuracy")
         ref = (src.reference or {}) if src else {}
         refs = [_fmt_ref(ref.get(c)) for c in ref_cols]
         lines.append("| " + " | ".join([name, task, metric, _pct(m.get(metric)), _pct(m.get("parse_rate")),
@@ -83,14 +82,14 @@ def run_report(cfg: Config, result: dict, records: list[dict], curves: str | Non
         kept = {Path(c["path"]).name for c in result.get("checkpoints", []) if c.get("path")}
         sources = list(evals[-1].get("eval", {}))
         tasks = {s.name: s.task for s in cfg.corpus.sources}
-        head = ["step", "checkpoint", "task score", *[f"{s} {PRIMARY.get(tasks.get(s), 'accuracy')}" for s in sources],
+        head = ["step", "checkpoint", "task score", *[f"{s} {PRIMARY_METRIC.get(tasks.get(s), 'accuracy')}" for s in sources],
                 "kept"]
         lines += ["## Every scored checkpoint", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sorted(evals, key=lambda r: r["step"]):
             name = r.get("checkpoint") or ""
             mark = "best" if name and name == Path(best).name else "yes" if name in kept else "deleted"
             cells = [str(r["step"]), f"`{name}`", _pct(r.get("score")),
-                     *[_pct(r.get("eval", {}).get(s, {}).get(PRIMARY.get(tasks.get(s), "accuracy"))) for s in sources],
+                     *[_pct(r.get("eval", {}).get(s, {}).get(PRIMARY_METRIC.get(tasks.get(s), "accuracy"))) for s in sources],
                      mark]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -114,7 +113,7 @@ def run_settings(cfg: Config, result: dict | None = None) -> dict[str, str]:
         s = m.tiny
         model += f" (Llama, {s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size})"
     plan = (result or {}).get("mixture") or {}
-    weights = {s.name: cfg.mixture.weights.get(s.name, 1.0) for s in cfg.corpus.sources}
+    weights = {s.name: cfg.source_weight(s.name) for s in cfg.corpus.sources}
     mixture = ", ".join(f"{name} {w:g}" + (f" ({plan[name]} records/epoch)" if name in plan else "")
                         for name, w in weights.items())
     out = {

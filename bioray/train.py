@@ -3,36 +3,25 @@
 Each worker rebuilds the config from a plain dict, loads the base model, attaches LoRA, wraps
 it with ``deepspeed.initialize`` and trains for exactly ``train.max_steps`` optimizer steps on
 its shard of the packed, mixed dataset. Every ``train.checkpoint_every`` steps (and at the end)
-the adapter is saved with the tokenizer and the resolved config and reported; the scorer pool
-scores it while training goes on (Ray Train's ``ValidationConfig``), and ``CheckpointConfig``
-keeps the best by task score.
+the adapter (or, with ``train.full_finetune``, the whole model) is saved with the tokenizer and
+the resolved config and reported; the scorer pool scores it while training goes on (Ray Train's
+``ValidationConfig``), and ``CheckpointConfig`` keeps the best by task score.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+from bioray.checkpoint import CONFIG_FILE, STATE_FILE, step_dir_name
 from bioray.config import Config, dump, from_dict, to_dict
 
 log = logging.getLogger("bioray")
-
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "bioray.yaml"
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak at ``max_steps``."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -44,7 +33,7 @@ def deepspeed_config(cfg: Config) -> dict:
         if t.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.zero_stage == 3:
-        # Saving gathers partitioned weights explicitly (see _save_checkpoint); this keeps
+        # Saving gathers partitioned weights explicitly (see _report_checkpoint); this keeps
         # DeepSpeed's own save path consistent with it.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
@@ -63,109 +52,119 @@ def deepspeed_config(cfg: Config) -> dict:
 def train_loop_per_worker(loop_config: dict) -> None:
     """The training loop one Ray Train worker runs (rank 0 writes, every rank trains)."""
     cfg = from_dict(loop_config["config"])
-    if not cfg.train.use_gpu:
+    base_path, validate = loop_config["base_path"], loop_config["validate"]
+    t = cfg.train
+    if not t.use_gpu:
         # DeepSpeed picks its accelerator at import; without this it probes for CUDA.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
 
+    from bioray._ray import quiet_train_report_lines
     from bioray.data import micro_batches
-    from bioray.model import add_lora, load_base, load_tokenizer
+    from bioray.model import load_tokenizer
+    from bioray.optim import adamw, lr_schedule
 
-    _quiet_report_lines()
-    base_path = loop_config["base_path"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    quiet_train_report_lines()
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-    if not cfg.train.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker + 0.5)))
+    if not t.use_gpu:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker + 0.5)))
 
+    # The model, and where a checkpoint says training stopped.
     tokenizer = load_tokenizer(base_path, cfg)
-    model = load_base(base_path, cfg, dtype=torch.bfloat16 if cfg.train.use_gpu else torch.float32)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    if not cfg.train.full_finetune:
-        model = add_lora(model, cfg)
-
-    start_step, state = 0, {}
+    model = _trainable_model(cfg, base_path, torch.bfloat16 if t.use_gpu else torch.float32)
+    state = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = _restore(model, Path(d), cfg)
-        start_step = state["step"]
-        log.info("rank %d resumed at step %d", rank, start_step)
+        log.info("rank %d resumed at step %d", rank, state["step"])
+    start_step = state.get("step", 0)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, cfg))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
-        dist_init_required=False,  # Ray Train already set up the process group
+    # The engine: DeepSpeed around the model, its optimizer and the LR schedule.
+    optimizer = adamw((p for p in model.parameters() if p.requires_grad), t.lr, t.weight_decay, t.offload)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, t.warmup_steps, t.max_steps, start_step),
+        config=deepspeed_config(cfg), dist_init_required=False,  # Ray Train already set up the process group
     )
 
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch_size,
-                            tokenizer.pad_token_id, cfg.data.packing)
-    first_loss = state.get("first_loss")
-    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
-    run_start, steps_done, run_tokens = time.time(), 0, 0.0
-    for step in range(start_step, cfg.train.max_steps):
-        for _ in range(cfg.train.grad_accum):
+    # The loop: exactly max_steps optimizer steps, over as many epochs of the shard as it takes.
+    batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, tokenizer.pad_token_id,
+                            cfg.data.packing)
+    meter = _Meter(start_step, state.get("first_loss"))
+    for step in range(start_step, t.max_steps):
+        for _ in range(t.grad_accum):
             batch, real_tokens = next(batches)
-            window_tokens += real_tokens
-            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
             engine.backward(loss)
-            engine.step()
-            window_loss += loss.item()
-            window_n += 1
-        steps_done += 1
+            engine.step()  # DeepSpeed steps the optimizer and the schedule at accumulation boundaries
+            meter.add(loss.item(), real_tokens)
         done = step + 1
-        is_ckpt = done == cfg.train.max_steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
-        if not (is_ckpt or done % cfg.train.report_every == 0):
+        is_ckpt = done == t.max_steps or (t.checkpoint_every and done % t.checkpoint_every == 0)
+        if not (is_ckpt or done % t.report_every == 0):
             continue
-        # Mean loss and token count over all ranks; every rank takes part in the collective.
-        stats = torch.tensor([window_loss, window_n, window_tokens], dtype=torch.float64)
-        dist.all_reduce(stats)
-        elapsed = time.time() - window_start
-        loss_mean = stats[0].item() / max(stats[1].item(), 1)
-        first_loss = loss_mean if first_loss is None else first_loss
-        run_tokens += stats[2].item()
-        metrics = {
-            "step": done, "loss": loss_mean, "first_loss": first_loss, "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": stats[2].item() / max(elapsed, 1e-9),
-            "run_tokens_per_s": run_tokens / max(time.time() - run_start, 1e-9),
-        }
+        metrics = meter.report(done, scheduler.get_last_lr()[0])  # a collective: every rank calls it
         if rank == 0 and not cfg.run.quiet:
-            eta = (time.time() - run_start) / steps_done * (cfg.train.max_steps - done)
-            log.info("train step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", done, cfg.train.max_steps,
-                     loss_mean, metrics["lr"], metrics["tokens_per_s"], eta)
+            eta = meter.seconds_per_step() * (t.max_steps - done)
+            log.info("train step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", done, t.max_steps,
+                     metrics["loss"], metrics["lr"], metrics["tokens_per_s"], eta)
         if is_ckpt:
-            _report_checkpoint(engine, cfg, tokenizer, metrics, rank, loop_config.get("validate", True))
+            _report_checkpoint(engine, cfg, tokenizer, metrics, rank, base_path, validate)
         else:
             ray.train.report(metrics)
-        window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
 
 
-def _quiet_report_lines() -> None:
-    """Drops Ray Train's per-worker "Reporting training result N: ..." INFO lines (rank 0 logs its own).
+class _Meter:
+    """Loss and real-token counts between reports, averaged over all ranks when reported."""
 
-    Ray 2.60 logs them under ``logging.getLogger(__file__)``, outside ``ray.train``, so
-    ``RunConfig(logging_config=...)`` does not reach them.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: the lines stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    def __init__(self, start_step: int, first_loss: float | None):
+        self.start_step = self.step = start_step
+        self.first_loss = first_loss
+        self.run_start, self.run_tokens = time.time(), 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.n, self.tokens, self.start = 0.0, 0, 0, time.time()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.n, self.tokens = self.loss + loss, self.n + 1, self.tokens + tokens
+
+    def seconds_per_step(self) -> float:
+        """Over this worker's run so far (since its start or resume)."""
+        return (time.time() - self.run_start) / max(self.step - self.start_step, 1)
+
+    def report(self, step: int, lr: float) -> dict:
+        """The run's metrics at ``step``: an all-reduce, so every rank must call it."""
+        import torch
+        import torch.distributed as dist
+
+        stats = torch.tensor([self.loss, self.n, self.tokens], dtype=torch.float64)
+        dist.all_reduce(stats)
+        loss, n, tokens = stats.tolist()
+        mean = loss / max(n, 1)
+        self.first_loss = mean if self.first_loss is None else self.first_loss
+        self.run_tokens += tokens
+        self.step = step
+        now = time.time()
+        metrics = {"step": step, "loss": mean, "first_loss": self.first_loss, "lr": lr,
+                   "tokens_per_s": tokens / max(now - self.start, 1e-9),
+                   "run_tokens_per_s": self.run_tokens / max(now - self.run_start, 1e-9)}
+        self._reset()
+        return metrics
+
+
+def _trainable_model(cfg: Config, base_path: str, dtype):
+    """The base model, with gradient checkpointing and a LoRA adapter where the config asks."""
+    from bioray.model import add_lora, load_base
+
+    model = load_base(base_path, cfg, dtype=dtype)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model if cfg.train.full_finetune else add_lora(model, cfg)
 
 
 def _restore(model, directory: Path, cfg: Config) -> dict:
@@ -174,8 +173,7 @@ def _restore(model, directory: Path, cfg: Config) -> dict:
 
     state = json.loads((directory / STATE_FILE).read_text())
     if cfg.train.full_finetune:
-        weights = load_file(str(directory / "model.safetensors"))
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
     else:
         from peft import set_peft_model_state_dict
 
@@ -183,8 +181,9 @@ def _restore(model, directory: Path, cfg: Config) -> dict:
     return state
 
 
-def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int, validate: bool) -> None:
-    """Saves the adapter (rank 0 writes; under ZeRO-3 every rank joins the gather) and reports it.
+def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int, base_path: str,
+                       validate: bool) -> None:
+    """Saves the adapter or model (rank 0 writes; under ZeRO-3 every rank joins the gather) and reports it.
 
     With ``validate``, the report asks for scoring; its step travels with the request, so the scores
     are logged under the step of the checkpoint they belong to (``bioray.observe``).
@@ -192,46 +191,41 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
-    from ray.train.v2.api.validation_config import ValidationTaskConfig
+
+    from bioray._ray import ValidationTaskConfig
 
     module = engine.module
-    trainable = [p for p in module.parameters() if p.requires_grad] if not cfg.train.full_finetune \
-        else list(module.parameters())
+    params = list(module.parameters()) if cfg.train.full_finetune else \
+        [p for p in module.parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory(prefix="bioray-ckpt-") as tmp:
         # ZeRO-3 partitions parameters across ranks: gather them (a collective, so every rank
-        # enters) before rank 0 saves, or the adapter file holds empty tensors.
-        ctx = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if cfg.train.zero_stage == 3 \
-            else _nullcontext()
-        with ctx:
+        # enters) before rank 0 saves, or the saved file holds empty tensors.
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 \
+            else nullcontext()
+        with gathered:
             if rank == 0:
                 module.save_pretrained(tmp, safe_serialization=True)
         checkpoint = None
         if rank == 0:
             tokenizer.save_pretrained(tmp)
             Path(tmp, CONFIG_FILE).write_text(dump(cfg))
-            Path(tmp, STATE_FILE).write_text(json.dumps({"step": metrics["step"], "first_loss": metrics["first_loss"]}))
+            # base_model: what a full checkpoint was trained from (an adapter's config says it too).
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": metrics["step"], "first_loss": metrics["first_loss"],
+                                                         "base_model": base_path}))
             checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{metrics['step']:06d}",
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(metrics["step"]),
                          validation=ValidationTaskConfig(fn_kwargs={"step": metrics["step"]})
                          if checkpoint is not None and validate else False)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, validation_kwargs: dict | None = None,
+def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kwargs: dict | None = None,
         metrics_log=None, tune_reports: bool = False):
     """Runs ``TorchTrainer`` for one config and returns Ray Train's ``Result``.
 
     Args:
         cfg: The run's (or trial's) config.
         base_path: ``from_pretrained`` path of the base model.
-        cache_dir: The tokenised cache (see ``bioray.data.tokenise``).
+        train_ds: The mixed, packed training Dataset (``bioray.data.training_dataset``).
         validation_fn: Scores a reported checkpoint (see ``bioray.evaluate.pool``); None = no scoring.
         validation_kwargs: JSON-serialisable keyword arguments for ``validation_fn``.
         metrics_log: A ``bioray.observe.MetricsLog`` actor; every report and every checkpoint's
@@ -241,12 +235,10 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
-    from bioray.data import training_dataset
+    from bioray._ray import ValidationConfig, ValidationTaskConfig
     from bioray.observe import LoggedValidation, ReportToLog, tune_report_callback
 
-    train_ds, plan = training_dataset(cfg, cache_dir)
     # Mix, shuffle and pack once, before the workers hold their CPUs: on a small cluster the
     # shuffle tasks would otherwise wait forever for a CPU the training workers hold (Ray never
     # oversubscribes). The packed epoch then streams from the object store.
@@ -296,4 +288,4 @@ def fit(cfg: Config, base_path: str, cache_dir: Path, validation_fn=None, valida
         datasets={"train": train_ds},
         validation_config=validation_config,
     )
-    return trainer.fit(), plan
+    return trainer.fit()

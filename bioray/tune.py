@@ -1,7 +1,7 @@
 """Ray Tune search over learning rate, LoRA rank, task-mixture weights and any config key.
 
 The driver runs the shared stages once, as a single run does (corpus, base model, tokenised
-cache, scorer pool); each trial is :func:`bioray.pipeline.train_and_score` with its sampled
+cache, scorer pool); each trial is :func:`bioray.recipes.train_and_score` with its sampled
 config: a full ``TorchTrainer`` run inside a Tune function trainable (Ray 2.60's
 Train-inside-Tune pattern), its checkpoints scored by the shared pool, so no trial builds a
 corpus, tokenises or loads a scorer again.
@@ -28,8 +28,11 @@ import math
 import os
 from pathlib import Path
 
-from bioray.config import Config, apply_override, dump, from_dict, to_dict
+from bioray.checkpoint import CONFIG_FILE
+from bioray.config import Config, apply_override, dump, from_dict, load, to_dict
 from bioray.errors import ConfigError
+from bioray.files import write_json, write_text, write_via
+from bioray.recipes import Stages, pool_name, shared_stages, train_and_score
 
 log = logging.getLogger("bioray")
 
@@ -41,7 +44,7 @@ def mixture_names(cfg: Config, cache_meta: dict) -> list[str]:
     """What the mixture weights key on: the sources with training records, or their tasks."""
     sources = {k: v for k, v in cache_meta["sources"].items() if v["records"] > 0}
     names = {v["task"] for v in sources.values()} if cfg.mixture.by == "task" else set(sources)
-    return sorted(n for n in names if cfg.mixture.weights.get(n, 1.0) > 0)  # a dropped source stays dropped
+    return sorted(n for n in names if cfg.mixture.weight(n) > 0)  # a dropped source stays dropped
 
 
 def param_space(cfg: Config, names: list[str]) -> dict:
@@ -91,16 +94,15 @@ def _trial(params: dict, setup: dict) -> None:
     """One trial (runs in Tune's trial process): a whole training run with its sampled config."""
     from ray import tune
 
-    from bioray.cli import setup_logging
-    from bioray.pipeline import train_and_score
+    from bioray.logs import setup_logging
 
     setup_logging(quiet=True)
     trial_dir = Path(setup["dir"]) / "trials" / tune.get_context().get_trial_id()
     cfg = trial_config(setup["config"], params, str(trial_dir))
     out = finished_trial(cfg, trial_dir)
     if out is None:
-        out = train_and_score(cfg, setup["base_path"], Path(setup["corpus_dir"]), Path(setup["cache_dir"]),
-                              setup["cache_meta"], setup["pool"], tune_reports=True)
+        write_text(trial_dir / CONFIG_FILE, dump(cfg))
+        out = train_and_score(cfg, setup["stages"], setup["pool"], tune_reports=True)
     else:
         # Tune saves its experiment state every few seconds: a search stopped just after a trial
         # finished restarts that trial on resume. Its run folder says it is done; say it again.
@@ -112,7 +114,7 @@ def _trial(params: dict, setup: dict) -> None:
 
 def finished_trial(cfg: Config, trial_dir: Path) -> dict | None:
     """The trial's ``result.json`` if it finished with this very config, else None."""
-    result, saved = trial_dir / "result.json", trial_dir / "bioray.yaml"
+    result, saved = trial_dir / "result.json", trial_dir / CONFIG_FILE
     if not (result.is_file() and saved.is_file()) or saved.read_text() != dump(cfg):
         return None
     out = json.loads(result.read_text())
@@ -168,22 +170,15 @@ def search(cfg: Config) -> dict:
     import ray
     from ray import tune
 
-    from bioray.data import tokenise
     from bioray.evaluate.pool import start_pool, stop_pool
-    from bioray.model import resolve_base
-    from bioray.pipeline import pool_name, prepare, write_text
 
     run_dir = Path(cfg.run.dir).resolve()
     tune_dir = run_dir / "tune"
-    tune_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "bioray.yaml", dump(cfg))
-    corpus_dir = prepare(cfg)
-    base_path = resolve_base(cfg, corpus_dir)
-    cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
-    names = mixture_names(cfg, cache_meta)
+    write_text(run_dir / CONFIG_FILE, dump(cfg))
+    stages: Stages = shared_stages(cfg)
+    names = mixture_names(cfg, stages.cache_meta)
     space = param_space(cfg, names)
-    setup = {"dir": str(tune_dir), "config": json.loads(json.dumps(to_dict(cfg))), "base_path": base_path,
-             "corpus_dir": str(corpus_dir), "cache_dir": str(cache_dir), "cache_meta": cache_meta,
+    setup = {"dir": str(tune_dir), "config": json.loads(json.dumps(to_dict(cfg))), "stages": stages,
              "pool": pool_name(cfg)}
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": cfg.tune.trial_cpus})
     # Reports before the first score has no latest_score; ASHA skips those, Tune's strict check would not.
@@ -194,7 +189,7 @@ def search(cfg: Config) -> dict:
     # inside a trial, it lands in (and outlives) a trial's placement group, whose CPUs are then
     # never released. Run one tiny dataset here first.
     ray.data.range(1).materialize()
-    actors = start_pool(cfg, base_path, corpus_dir, setup["pool"])
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, setup["pool"])
     try:
         if tune.Tuner.can_restore(path):
             log.info("resuming the search in %s (finished trials are kept)", path)
@@ -237,7 +232,7 @@ def trial_rows(grid, cfg: Config, names: list[str]) -> list[dict]:
         row["rank"] = params.get("lora.rank", cfg.lora.rank)
         weights = mixture_weights(params)
         for name in names:
-            row[f"weight.{name}"] = weights.get(name, cfg.mixture.weights.get(name, 1.0))
+            row[f"weight.{name}"] = weights.get(name, cfg.mixture.weight(name))
         for key in cfg.tune.space:
             row[str(key)] = params.get(str(key))
         row["dir"] = str(Path(cfg.run.dir).resolve() / "tune" / "trials" / row["trial"])
@@ -247,9 +242,6 @@ def trial_rows(grid, cfg: Config, names: list[str]) -> list[dict]:
 
 def write_outputs(cfg: Config, rows: list[dict], tune_dir: Path) -> dict:
     """``trials.csv``, ``best.yaml``, ``search.png`` and ``result.json`` under ``run.dir/tune/``."""
-    from bioray.config import load
-    from bioray.pipeline import write_json, write_text
-
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
@@ -262,7 +254,7 @@ def write_outputs(cfg: Config, rows: list[dict], tune_dir: Path) -> dict:
            "errors": sum(r["state"] == "error" for r in rows), "best": None}
     if scored:
         best = max(scored, key=lambda r: (r["state"] == "completed", r["score"]))
-        best_cfg = load(Path(best["dir"]) / "bioray.yaml", [f"run.dir={Path(cfg.run.dir) / 'best'}"])
+        best_cfg = load(Path(best["dir"]) / CONFIG_FILE, [f"run.dir={Path(cfg.run.dir) / 'best'}"])
         write_text(tune_dir / "best.yaml", dump(best_cfg))
         out["best"] = {k: best[k] for k in best if k != "dir"} | {"dir": best["dir"],
                                                                   "config": str(tune_dir / "best.yaml")}
@@ -304,7 +296,5 @@ def write_search_plot(rows: list[dict], path: Path, cfg: Config) -> None:
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{cfg.run.dir}: {len(rows)} trials (score: best checkpoint; stopped trials: latest)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_via(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)

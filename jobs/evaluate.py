@@ -15,10 +15,8 @@ def main() -> None:
     what.add_argument("--checkpoint", help="checkpoint folder (adapter + tokenizer + bioray.yaml)")
     what.add_argument("--predictions", help="JSONL file of {\"id\": ..., \"prediction\": ...}")
     args = p.parse_args()
-    cfg = cli.config_from(args)
-    cli.setup_logging(cfg.run.quiet)
-    cli.init_ray(cfg)
-    from bioray.pipeline import evaluate_checkpoint, evaluate_predictions
+    cfg = cli.start(args)
+    from bioray.recipes import evaluate_checkpoint, evaluate_predictions
 
     if args.checkpoint:
         evaluate_checkpoint(cfg, args.checkpoint)

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bioray import cli  # noqa: E402
+from bioray.logs import setup_logging  # noqa: E402
 
 
 @cli.main
@@ -20,7 +21,7 @@ def main() -> None:
     args = p.parse_args()
     # --config/--set only matter here for model.name_or_path: a config that names another base exits 2.
     cfg = cli.config_from(args) if (args.config or args.overrides) else None
-    cli.setup_logging(args.quiet)
+    setup_logging(args.quiet)
     from bioray.export import export_checkpoint
 
     expected = args.base or (cfg.model.name_or_path if cfg is not None else None)

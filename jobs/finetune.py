@@ -11,10 +11,8 @@ from bioray import cli  # noqa: E402
 @cli.main
 def main() -> None:
     args = cli.parser(__doc__).parse_args()
-    cfg = cli.config_from(args)
-    cli.setup_logging(cfg.run.quiet)
-    cli.init_ray(cfg)
-    from bioray.pipeline import finetune
+    cfg = cli.start(args)
+    from bioray.recipes import finetune
 
     result = finetune(cfg)
     print(f"best checkpoint: {result['best_checkpoint']}")

@@ -11,11 +11,9 @@ from bioray import cli  # noqa: E402
 @cli.main
 def main() -> None:
     args = cli.parser(__doc__).parse_args()
-    cfg = cli.config_from(args)
-    cli.setup_logging(cfg.run.quiet)
-    cli.init_ray(cfg)
+    cfg = cli.start(args)
     from bioray.corpus import read_manifest
-    from bioray.pipeline import prepare
+    from bioray.recipes import prepare
 
     corpus_dir = prepare(cfg)
     manifest = read_manifest(corpus_dir)

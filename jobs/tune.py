@@ -11,9 +11,7 @@ from bioray import cli  # noqa: E402
 @cli.main
 def main() -> None:
     args = cli.parser(__doc__).parse_args()
-    cfg = cli.config_from(args)
-    cli.setup_logging(cfg.run.quiet)
-    cli.init_ray(cfg)
+    cfg = cli.start(args)
     from bioray.tune import search
 
     out = search(cfg)

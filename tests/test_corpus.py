@@ -174,6 +174,24 @@ def test_instructions_jsonl_parquet_and_hf_dataset(tmp_path):
         assert recs[1]["instruction"] in templates.QA  # empty instruction: drawn from the set
 
 
+def test_ner_instructions_file_needs_no_entity(tmp_path):
+    # The paper's released instruction files (NCBI-disease as `instructions`, task ner) carry their
+    # own instructions; before, the source was refused unless it named an entity it never uses.
+    rows = [{"instruction": f"Tag the disease tokens ({i}).", "input": f"w{i} flu", "output": f"w{i} : O\nflu : B"}
+            for i in range(40)]
+    rows[7]["instruction"] = ""  # nothing to draw a stand-in from: rejected, naming the line
+    src = [{"name": "ncbi_instr", "format": "instructions", "task": "ner", "files": {"train": _jsonl(tmp_path / "n.jsonl", rows)}}]
+    corpus = build_corpus(_cfg(tmp_path, src, max_rejected_fraction=0.05))
+    recs = read_records(corpus, "ncbi_instr", "train")
+    assert [r["instruction"] for r in recs] == [r["instruction"] for r in rows if r["instruction"]]
+    assert all(r["task"] == "ner" for r in recs)
+    (bad,) = _rejected(corpus)
+    assert bad["line"] == 8 and "'instruction' is empty" in bad["reason"]
+    # A structured iob source still needs its entity (its instructions are bioray's).
+    with pytest.raises(ConfigError, match=r"corpus.sources\[0\].entity"):
+        build_corpus(_cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "files": {"train": str(tmp_path / "n.jsonl")}}]))
+
+
 def test_custom_instructions_and_render_prompt(tmp_path):
     f = _write(tmp_path / "a.tsv", IOB)
     cfg = _cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "files": {"train": f},
@@ -207,7 +225,7 @@ def test_corpus_dataset_filters_split(tmp_path):
 
 
 def test_corpus_reads_split_by_row_groups_and_skips_other_splits(tmp_path, monkeypatch):
-    from bioray.corpus import build
+    from bioray.corpus import build, read
 
     monkeypatch.setattr(build, "_ROW_GROUP_ROWS", 8)
     def sentences(n):
@@ -217,12 +235,12 @@ def test_corpus_reads_split_by_row_groups_and_skips_other_splits(tmp_path, monke
     cfg = _cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "entity": "x",
                            "files": {"train": train, "validation": valid}}])
     corpus = build_corpus(cfg)
-    shards = build._shards(corpus)
+    shards = read.shard_paths(corpus)
     assert sum(pq.ParquetFile(p).metadata.num_row_groups for p in shards) >= 60 // 8
     want = {r["id"] for r in read_records(corpus, "n", "validation")}
     # Footer statistics leave train-only row groups out of the plan (a row group where the two
     # splits meet is read and filtered).
-    plan = build.RowGroupDatasource(shards, "validation", None, rows_per_task=16)
+    plan = read.RowGroupDatasource(shards, "validation", None, rows_per_task=16)
     assert len(want) <= sum(u[2] for u in plan._units) <= len(want) + 2 * 8 < 80
     ds = corpus_dataset(corpus, "validation", columns=["id", "output"], rows_per_block=16)
     rows = ds.take_all()

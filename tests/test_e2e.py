@@ -204,3 +204,50 @@ def test_quickstart_writes_metrics_tensorboard_report_and_curves(quickstart):
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Progress: rank 0's step lines and the scorer's lines reach the driver's stdout.
     assert "train step 120/120" in proc.stdout and "examples/s" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir):
+    """The quickstart with train.full_finetune (the paper's setting): 40 steps, two scored checkpoints."""
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
+                   "--set", "train.full_finetune=true", "--set", "train.max_steps=40",
+                   "--set", "train.checkpoint_every=20", "--set", "train.lr=5e-5", "--set", "eval.max_examples=32")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run_dir
+
+
+def test_full_finetune_checkpoints_are_scored(full_run):
+    # Before: the scorer compared a full checkpoint's folder with its base model, every
+    # validation failed and the final rescore raised after the whole run.
+    result = json.loads((full_run / "result.json").read_text())
+    assert result["train"]["steps"] == 40
+    assert [c["step"] for c in sorted(result["checkpoints"], key=lambda c: c["step"])] == [20, 40]
+    assert all(c["score"] is not None for c in result["checkpoints"])
+    best = Path(result["best_checkpoint"])
+    assert (best / "model.safetensors").is_file() and not (best / "adapter_config.json").exists()
+    state = json.loads((best / "trainer_state.json").read_text())
+    assert (Path(state["base_model"]) / "config.json").is_file()
+    evals = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in evals if r["kind"] == "eval") == [20, 40]
+    assert result["eval"]["sample_disease_ner"]["n"] == 32
+    assert "| adapter | full fine-tune |" in (full_run / "report.md").read_text()
+
+
+def test_full_finetune_checkpoint_evaluates_and_exports(full_run, tmp_path, cache_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    result = json.loads((full_run / "result.json").read_text())
+    best = result["best_checkpoint"]
+    proc = run_job("jobs/evaluate.py", "--checkpoint", best, "--set", f"run.dir={tmp_path / 'eval'}",
+                   "--set", f"data.cache_dir={cache_dir}", "--set", "eval.max_examples=32")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    ev = json.loads((tmp_path / "eval" / "eval.json").read_text())["eval"]
+    for source, metrics in result["eval"].items():
+        assert ev[source] == pytest.approx(metrics), source
+    proc = run_job("jobs/export.py", "--checkpoint", best, "--out", tmp_path / "merged", "--merge",
+                   "--base", "tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(Path(best) / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

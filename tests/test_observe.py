@@ -143,6 +143,14 @@ def test_report_has_scores_references_best_checkpoint_and_settings(tmp_path):
     assert "40 steps, loss 3.0000 -> 0.5000" in text
 
 
+def test_report_shows_task_weights_under_mixture_by_task(tmp_path):
+    # Before: report.md looked weights up by source name, so every source showed 1 under by: task.
+    d = to_dict(_cfg(tmp_path))
+    d["mixture"] = {**d["mixture"], "by": "task", "weights": {"ner": 3.0, "nli": 0.5}}
+    text = run_report(from_dict(d), _result(tmp_path), _records())
+    assert "| mixture | ner_a 3 (320 records/epoch), nli_b 0.5 (160 records/epoch) (by task)" in text
+
+
 def test_curves_png_is_a_png(tmp_path):
     path = tmp_path / "curves.png"
     write_curves(_records(), path, title="t")
@@ -156,12 +164,12 @@ def test_curves_png_is_a_png(tmp_path):
 def test_ray_data_progress_block_becomes_one_line():
     import logging
 
-    from bioray.cli import _OneLineProgress
+    from bioray.logs import OneLineProgress
 
     block = ["======= Running Dataset: dataset_7_0 =======", "Total Progress: 480/1440",
              "Active & requested resources: 1/2 CPU, 683.4KiB/3.1GiB object store", "", "=" * 43,
              "Progress will be logged because stdout is a non-interactive terminal."]
-    f = _OneLineProgress()
+    f = OneLineProgress()
     kept = []
     for msg in block:
         record = logging.LogRecord("ray.data", logging.INFO, __file__, 1, msg, (), None)

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
@@ -36,6 +34,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from bioray.config import Config, SourceConfig
 from bioray.corpus import sources
+from bioray.corpus.read import LIGHT_CPUS, MANIFEST, SCHEMA, read_manifest
 from bioray.corpus.templates import NLI_LABELS, draw, instruction_set
 from bioray.errors import DataError
 
@@ -51,14 +50,8 @@ _BLOCK_ROWS = 10_000
 # Rows per Parquet row group in the shards: the unit that readers split a shard into, so a
 # one-shard corpus still feeds every tokenising task (see :class:`RowGroupDatasource`).
 _ROW_GROUP_ROWS = 1024
-# Logical CPUs per read/write task: small, so the build fits beside other Ray work on a
-# 2-CPU cluster (Ray never oversubscribes logical CPUs; see FACTS.md).
-_TASK_CPUS = 0.25
 _HASH_BLOCK = 1 << 20
 
-SCHEMA = pa.schema([(name, pa.string()) for name in
-                    ("id", "task", "source", "split", "instruction", "input", "output")])
-MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 
 
@@ -208,6 +201,9 @@ def _records(chunk: _Chunk, source: dict, instructions: list[str], seed: int,
     cols: dict[str, list[str]] = {f: [] for f in SCHEMA.names}
     with open(side / f"{chunk.key}.rejected.jsonl", "w", encoding="utf-8") as rej:
         for r in sources.parse(fmt, chunk.layout, source, lines):
+            if isinstance(r, sources.Parsed) and not (r.instruction or instructions):
+                r = sources.Rejected(r.line, "field 'instruction' is empty and the source has no instructions "
+                                             "to draw one from (set its instructions, or its entity)")
             if isinstance(r, sources.Rejected):
                 rejected += 1
                 rej.write(json.dumps({"source": name, "split": split, "file": source["files"][split],
@@ -342,13 +338,13 @@ def _read_pass(cfg: Config, chunks: list[_Chunk], tmp: Path) -> dict[str, int]:
     side.mkdir(parents=True)
     if cfg.run.quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_datasource(CorpusDatasource(chunks, cfg, side), num_cpus=_TASK_CPUS,
+    ds = ray.data.read_datasource(CorpusDatasource(chunks, cfg, side), num_cpus=LIGHT_CPUS,
                                   concurrency=min(len(chunks), _cluster_cpus()))
     # Shards are bundled by bytes, not rows: with min_rows_per_file Ray Data raises every row
     # group to that size, and row groups are what readers split shards by. (Bundling by bytes
     # also measured faster: a 1M-record build 29 s and 10 shards, against 40 s and 37.)
     ds.write_parquet(str(tmp), min_bytes_per_file=cfg.corpus.shard_mib << 20,
-                     row_group_size=_ROW_GROUP_ROWS, ray_remote_args={"num_cpus": _TASK_CPUS})
+                     row_group_size=_ROW_GROUP_ROWS, ray_remote_args={"num_cpus": LIGHT_CPUS})
     return {c.key: json.loads((side / f"{c.key}.stats.json").read_text())["records"] for c in chunks}
 
 
@@ -455,148 +451,3 @@ def build_corpus(cfg: Config, force: bool = False) -> Path:
     logger.info("corpus: %d records (%d rejected) in %.1f s -> %s", manifest["total_records"],
                 manifest["total_rejected"], time.perf_counter() - started, final)
     return final
-
-
-# ---------------------------------------------------------------- reading a corpus
-
-
-def read_manifest(corpus_dir: str | Path) -> dict:
-    """The corpus's ``manifest.json`` as a dict.
-
-    Raises:
-        DataError: the folder holds no manifest (not a built corpus).
-    """
-    path = Path(corpus_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: no corpus manifest (build the corpus with jobs/prepare.py)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _shards(corpus_dir: str | Path) -> list[str]:
-    read_manifest(corpus_dir)  # fail clearly on a folder that is not a corpus
-    return sorted(str(p) for p in Path(corpus_dir).glob("*.parquet"))
-
-
-LIGHT_CPUS = 0.25  # logical CPUs per Ray Data read/filter/pack/write task, here and in bioray.data
-
-
-class RowGroupDatasource(Datasource):
-    """Ray Data source over the corpus shards' Parquet row groups, one split only if asked.
-
-    The planning happens in the driver from Parquet footers: row groups whose ``split``
-    statistics exclude the split are never read, and consecutive row groups of a shard are
-    grouped into read tasks of about ``rows_per_task`` rows. Unlike ``read_parquet`` there is
-    no file-listing task (it asks a whole CPU, which a busy small cluster may not have), and a
-    one-shard corpus still splits into many tasks.
-    """
-
-    def __init__(self, shards: list[str], split: Optional[str], columns: Optional[list[str]],
-                 rows_per_task: Optional[int], schema: Optional[pa.Schema] = None):
-        super().__init__()
-        self._split = split
-        self._columns = columns
-        schema = schema or (pq.read_schema(shards[0]) if shards else SCHEMA)
-        self._schema = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-        self._units: list[tuple[str, list[int], int, int]] = []  # path, row groups, rows, bytes
-        for path in shards:
-            meta = pq.ParquetFile(path).metadata
-            split_col = meta.schema.names.index("split") if split is not None else None
-            group: list[int] = []
-            rows = size = 0
-            for i in range(meta.num_row_groups):
-                rg = meta.row_group(i)
-                if split_col is not None and not _may_hold(rg.column(split_col).statistics, split):
-                    continue
-                group.append(i)
-                rows, size = rows + rg.num_rows, size + rg.total_byte_size
-                if rows_per_task is not None and rows >= rows_per_task:
-                    self._units.append((path, group, rows, size))
-                    group, rows, size = [], 0, 0
-            if group:
-                self._units.append((path, group, rows, size))
-
-    @property
-    def num_tasks(self) -> int:
-        return max(1, len(self._units))
-
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return sum(u[3] for u in self._units) or None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        if not self._units:  # keep a well-formed (empty) dataset
-            meta = BlockMetadata(num_rows=0, size_bytes=0, input_files=[], exec_stats=None)
-            return [ReadTask(lambda: [self._schema.empty_table()], meta, schema=self._schema)]
-        tasks = []
-        for path, groups, rows, size in self._units:
-            fn = functools.partial(_read_row_groups, path, groups, self._split, self._columns)
-            meta = BlockMetadata(num_rows=None if self._split else rows, size_bytes=size or None,
-                                 input_files=[path], exec_stats=None)
-            tasks.append(ReadTask(fn, meta, schema=self._schema, per_task_row_limit=per_task_row_limit))
-        return tasks
-
-
-def _may_hold(stats: Any, split: Optional[str]) -> bool:
-    if split is None or stats is None or not stats.has_min_max:
-        return True
-    return stats.min <= split <= stats.max
-
-
-def _read_row_groups(path: str, groups: list[int], split: Optional[str],
-                     columns: Optional[list[str]]) -> Iterator[pa.Table]:
-    read = None if columns is None else sorted(set(columns) | ({"split"} if split else set()))
-    table = pq.ParquetFile(path).read_row_groups(groups, columns=read)
-    if split is not None:
-        table = table.filter(pc.equal(table["split"], split))
-    yield table if columns is None else table.select(columns)
-
-
-def corpus_dataset(corpus_dir: str | Path, split: Optional[str] = None, columns: Optional[list[str]] = None,
-                   num_cpus: float = LIGHT_CPUS, rows_per_block: Optional[int] = None) -> "ray.data.Dataset":
-    """The corpus as a Ray Dataset of records, optionally one split only.
-
-    Args:
-        corpus_dir: a folder written by :func:`build_corpus`.
-        split: keep only this split (train/validation/test); None = all.
-        columns: keep only these record columns; None = all.
-        num_cpus: logical CPUs per read task. Give downstream tasks the same request and Ray
-            Data fuses them into one task per block (no hand-over between processes).
-        rows_per_block: about this many records per block (row groups are grouped up to it);
-            None = one block per shard.
-
-    Returns:
-        A lazy dataset with the record columns (row order is not the id order).
-    """
-    return read_row_groups(_shards(corpus_dir), split, columns, num_cpus, rows_per_block, schema=SCHEMA)
-
-
-def read_row_groups(paths: list[str], split: Optional[str] = None, columns: Optional[list[str]] = None,
-                    num_cpus: float = LIGHT_CPUS, rows_per_block: Optional[int] = None,
-                    schema: Optional[pa.Schema] = None) -> "ray.data.Dataset":
-    """Parquet files as a Ray Dataset read by row groups (see :class:`RowGroupDatasource`).
-
-    Used instead of ``ray.data.read_parquet`` where a whole-CPU file-listing task could wait
-    forever: on a small cluster, and inside a Tune trial, where other trials hold the CPUs.
-    """
-    source = RowGroupDatasource(list(paths), split, columns, rows_per_block, schema=schema)
-    # One block per read task: without override_num_blocks Ray Data splits small reads into
-    # many blocks (and one task per block downstream).
-    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=source.num_tasks)
-
-
-def read_records(corpus_dir: str | Path, source: str, split: str,
-                 limit: Optional[int] = None) -> list[dict]:
-    """One source's split as record dicts sorted by id, read with pyarrow (no Ray).
-
-    Args:
-        corpus_dir: a folder written by :func:`build_corpus`.
-        source: the source name.
-        split: the split name.
-        limit: keep the first ``limit`` records by id; None = all.
-    """
-    data = pads.dataset(_shards(corpus_dir), format="parquet", schema=SCHEMA)
-    table = data.to_table(filter=(pads.field("source") == source) & (pads.field("split") == split))
-    table = table.sort_by("id")
-    if limit is not None:
-        table = table.slice(0, limit)
-    return table.to_pylist()

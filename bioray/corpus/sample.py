@@ -25,7 +25,6 @@ _DISEASES = [
     ["heart", "failure"], ["lung", "cancer"], ["kidney", "disease"], ["colon", "cancer"],
     ["huntington", "disease"], ["multiple", "sclerosis"], ["liver", "fibrosis"],
 ]
-_GENES = ["BRCA1", "TP53", "APOE", "CFTR", "EGFR", "KRAS", "HFE", "MTHFR"]
 _DRUGS = ["aspirin", "insulin", "metformin", "heparin", "warfarin", "cisplatin"]
 _PEOPLE = ["the patient", "a woman", "a man", "the child", "her father", "his mother"]
 _NER_FRAMES = [

@@ -119,6 +119,10 @@ def _join_choices(words: list[str]) -> str:
 def _default_set(source: SourceConfig, index: int) -> tuple[str, ...]:
     if source.task == "ner":
         if source.entity is None:
+            if source.format == "instructions":
+                # Its records bring their own instructions; with no entity to name, bioray has
+                # none to fill in empty ones (such records are rejected, see corpus.build).
+                return ()
             raise ConfigError(
                 f"config key 'corpus.sources[{index}].entity': expected what the instructions ask "
                 f"to tag (e.g. disease) for the ner source {source.name!r}, or set its instructions"
@@ -139,7 +143,8 @@ def instruction_set(source: SourceConfig, index: int = 0) -> list[str]:
         index: the source's position in ``corpus.sources`` (for error messages).
 
     Returns:
-        The instructions, in a fixed order (the draw indexes into it).
+        The instructions, in a fixed order (the draw indexes into it). Empty for an
+        ``instructions`` source whose own records must carry them (task ner, no entity).
 
     Raises:
         ConfigError: a built-in NER set is needed but ``source.entity`` is unset.
@@ -184,3 +189,10 @@ def render_prompt(template: str, instruction: str, input: str) -> str:
     """
     values = {"instruction": instruction, "input": input}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def encode_prompt(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, with BOS where the tokenizer has one (training and generation agree)."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [[bos, *x] for x in ids] if bos is not None else ids

@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from bioray.config import Config
-from bioray.errors import CheckpointError
+from bioray.checkpoint import check_base, is_full
+from bioray.corpus import encode_prompt
 
 log = logging.getLogger("bioray")
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = ("tokenizer_config.json",)
-
-
-def checkpoint_base(directory: str | Path) -> str:
-    """The base model a checkpoint was trained on, after checking the folder is complete.
-
-    Raises:
-        CheckpointError: a missing folder or file, or an unreadable adapter config.
-    """
-    d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint folder not found")
-    full = (d / "config.json").is_file() and not (d / "adapter_config.json").is_file()
-    needed = (("config.json", "model.safetensors") if full else ADAPTER_FILES) + TOKENIZER_FILES + ("bioray.yaml",)
-    for name in needed:
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d}: incomplete checkpoint, {name} is missing")
-    if full:
-        return str(d.resolve())
-    try:
-        base = json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError):
-        raise CheckpointError(f"{d / 'adapter_config.json'}: no base_model_name_or_path in it") from None
-    return base
-
 
 class Generator:
     """Holds a base model and tokenizer; ``use(checkpoint)`` swaps in that checkpoint's adapter."""
@@ -50,24 +23,33 @@ class Generator:
         self.tokenizer = load_tokenizer(base_path, cfg)
         # Decoder-only generation continues from the right end: pad on the left.
         self.tokenizer.padding_side = "left"
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.base = load_base(base_path, cfg, dtype=dtype).to(device).eval()
+        self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.base = load_base(base_path, cfg, dtype=self.dtype).to(device).eval()
         self.model = self.base
         self._adapter: str | None = None
         self._n = 0
 
     def use(self, checkpoint_dir: str | Path) -> None:
-        """Makes the adapter in ``checkpoint_dir`` the active one (the base stays loaded).
+        """Makes the checkpoint in ``checkpoint_dir`` the one that answers.
+
+        An adapter is swapped in on the loaded base (the previous one is deleted); full weights
+        (``train.full_finetune``) are loaded as a model of their own, the base left as it is.
 
         Raises:
             CheckpointError: incomplete folder, or made for another base model.
         """
         from peft import PeftModel
 
-        base = checkpoint_base(checkpoint_dir)
-        if base_key(base) != base_key(self.base_path):
-            raise CheckpointError(f"{checkpoint_dir}: checkpoint was made for base model {base!r}, "
-                                  f"not {self.base_path!r}")
+        from bioray.model import load_base
+
+        check_base(checkpoint_dir, self.base_path)
+        if is_full(checkpoint_dir):
+            self.model = self.base = self._adapter = None  # free the previous weights first
+            self.model = load_base(str(checkpoint_dir), self.cfg, dtype=self.dtype).to(self.device).eval()
+            return
+        if self.base is None:  # the previous checkpoint was full weights
+            self.base = load_base(self.base_path, self.cfg, dtype=self.dtype).to(self.device).eval()
+            self.model = self.base
         name = f"ckpt{self._n}"
         self._n += 1
         if self._adapter is None:
@@ -86,8 +68,6 @@ class Generator:
         Prompts are batched by length so little padding is generated over; each batch stops at
         the longest ``max_new_tokens`` of its members or when all have produced EOS.
         """
-        from bioray.data import encode_prompt
-
         ids = encode_prompt(self.tokenizer, prompts)
         order = sorted(range(len(prompts)), key=lambda k: len(ids[k]))
         out: list[str] = [""] * len(prompts)
@@ -128,7 +108,6 @@ class Generator:
         Returns:
             The answer texts.
         """
-        from bioray.data import encode_prompt
         from bioray.evaluate.constrained import best_choice, decode_grammar, grammar_for
 
         out: list[str] = [""] * len(prompts)
@@ -169,9 +148,3 @@ def _check_canonical(tokenizer, walkers) -> None:
     if off:
         log.warning("%d of %d constrained answers are not tokenised as training tokenises their text; "
                     "this tokenizer merges across answer lines", off, len(walkers))
-
-
-def base_key(path: str) -> str:
-    """A base model's identity for comparison: the resolved folder if it exists, else the hub id."""
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path

@@ -1,6 +1,9 @@
-"""The stages wired together for the jobs: prepare, finetune, evaluate.
+"""The recipes: the stages wired together for the jobs (prepare, finetune, evaluate) and for a search.
 
-``jobs/*.py`` parse arguments and call these; a Tune trial calls the same pieces.
+``jobs/*.py`` parse arguments and call these. :func:`shared_stages` runs what one run and a whole
+Tune search share (corpus, base model, tokenised cache); :func:`train_and_score` is one training
+run on them, scored by a scorer pool: ``finetune`` calls it once, each Tune trial once with its
+own config (``bioray.tune``).
 """
 
 from __future__ import annotations
@@ -8,29 +11,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists
 from bioray.config import Config, dump, to_dict
 from bioray.errors import CheckpointError, DataError
+from bioray.files import write_json, write_text, write_via
 
 log = logging.getLogger("bioray")
 
 
-def write_text(path: Path, text: str) -> None:
-    """Writes text under a temporary name, then renames: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class Stages:
+    """What the shared stages made: everything a training run reads besides its config."""
 
-
-def write_json(path: Path, data: dict) -> None:
-    """:func:`write_text` for JSON."""
-    write_text(path, json.dumps(data, indent=2))
+    corpus_dir: Path
+    """The built corpus (``run.dir/corpus``)."""
+    base_path: str
+    """``from_pretrained`` path of the base model (a hub id, or a folder: ``tiny`` is built into the cache)."""
+    cache_dir: Path
+    """The tokenised cache of the corpus's train split."""
+    cache_meta: dict
+    """The cache's ``meta.json`` (per-source counts), with ``tokenised_now``."""
 
 
 def prepare(cfg: Config) -> Path:
@@ -45,6 +49,17 @@ def prepare(cfg: Config) -> Path:
     return build_corpus(cfg)
 
 
+def shared_stages(cfg: Config) -> Stages:
+    """Corpus, base model and tokenised cache: built once, or found up to date."""
+    from bioray.data import tokenise
+    from bioray.model import resolve_base
+
+    corpus_dir = prepare(cfg)
+    base_path = resolve_base(cfg, corpus_dir)
+    cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
+    return Stages(corpus_dir, base_path, cache_dir, cache_meta)
+
+
 def pool_name(cfg: Config) -> str:
     """A scorer-pool name unique to this run folder (two runs on one cluster never share actors)."""
     return "scorer-" + hashlib.sha256(str(Path(cfg.run.dir).resolve()).encode()).hexdigest()[:12]
@@ -56,48 +71,43 @@ def finetune(cfg: Config) -> dict:
     Returns:
         The content of ``result.json``.
     """
-    from bioray.data import tokenise
     from bioray.evaluate.pool import start_pool, stop_pool
-    from bioray.model import resolve_base
 
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "bioray.yaml", dump(cfg))
-    corpus_dir = prepare(cfg)
-    base_path = resolve_base(cfg, corpus_dir)
-    cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
+    # First, so that a run that fails in a stage still says what it was asked to do.
+    write_text(Path(cfg.run.dir).resolve() / CONFIG_FILE, dump(cfg))
+    stages = shared_stages(cfg)
     name = pool_name(cfg)
-    actors = start_pool(cfg, base_path, corpus_dir, name)
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, name)
     try:
-        return train_and_score(cfg, base_path, corpus_dir, cache_dir, cache_meta, name)
+        return train_and_score(cfg, stages, name)
     finally:
         stop_pool(actors)
 
 
-def train_and_score(cfg: Config, base_path: str, corpus_dir: Path, cache_dir: Path, cache_meta: dict,
-                    pool: str, tune_reports: bool = False) -> dict:
-    """Trains one config on a tokenised cache, its checkpoints scored by the named scorer pool.
+def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool = False) -> dict:
+    """Trains one config on the shared stages, its checkpoints scored by the named scorer pool.
 
     What a run does after the shared stages; a Tune trial calls it with its own config (and
     ``tune_reports``: every training report, with the latest task score, goes to Tune).
-    Writes ``result.json``, ``scores.md``, ``report.md``, ``curves.png`` under ``cfg.run.dir``.
+    Writes ``result.json``, ``scores.md``, ``report.md``, ``curves.png`` under ``cfg.run.dir``
+    (the caller writes ``bioray.yaml``).
     """
     from bioray.corpus import read_manifest
+    from bioray.data import training_dataset
     from bioray.evaluate.pool import source_decoding, task_score, validate_checkpoint
     from bioray.observe import start_metrics_log, stop_metrics_log
     from bioray.report import score_table
     from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "bioray.yaml", dump(cfg))
+    train_ds, plan = training_dataset(cfg, stages.cache_dir)
     # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
     metrics_log = start_metrics_log(run_dir)
     scoring = {"pool": pool, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))}
     start = time.time()
     try:
-        result, plan = fit(cfg, base_path, cache_dir, validate_checkpoint, scoring, metrics_log=metrics_log,
-                           tune_reports=tune_reports)
+        result = fit(cfg, stages.base_path, train_ds, validate_checkpoint, scoring, metrics_log=metrics_log,
+                     tune_reports=tune_reports)
         if result.error:
             raise result.error
         best, best_metrics = _best_scored(result)
@@ -125,10 +135,10 @@ def train_and_score(cfg: Config, base_path: str, corpus_dir: Path, cache_dir: Pa
         "checkpoints": [{"path": _abs(c.path), "step": m.get("step"), "score": m.get("score")}
                         for c, m in result.best_checkpoints],
         "mixture": plan,
-        "data": {"cache": str(cache_dir), "tokenised_now": cache_meta["tokenised_now"],
-                 "records": cache_meta["records"]},
+        "data": {"cache": str(stages.cache_dir), "tokenised_now": stages.cache_meta["tokenised_now"],
+                 "records": stages.cache_meta["records"]},
         "decoding": cfg.eval.decoding,
-        "decoding_by_source": source_decoding(cfg, read_manifest(corpus_dir)),
+        "decoding_by_source": source_decoding(cfg, read_manifest(stages.corpus_dir)),
         "split": cfg.eval.split,
     }
     write_json(run_dir / "result.json", out)
@@ -144,10 +154,8 @@ def write_run_report(cfg: Config, result: dict, records: list[dict], run_dir: Pa
     """``report.md`` and ``curves.png``: the run at a glance, readable without a notebook."""
     from bioray.report import run_report, write_curves
 
-    fd, tmp = tempfile.mkstemp(prefix=".curves-", suffix=".png", dir=run_dir)
-    os.close(fd)
-    write_curves(records, Path(tmp), title=f"{cfg.run.dir}: {cfg.model.name_or_path}, {cfg.train.max_steps} steps")
-    os.replace(tmp, run_dir / "curves.png")
+    title = f"{cfg.run.dir}: {cfg.model.name_or_path}, {cfg.train.max_steps} steps"
+    write_via(run_dir / "curves.png", lambda tmp: write_curves(records, tmp, title=title))
     write_text(run_dir / "report.md", run_report(cfg, result, records))
     log.info("report: %s (curves: %s)", run_dir / "report.md", run_dir / "curves.png")
 
@@ -174,18 +182,12 @@ def _json_safe(data):
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     """Scores a checkpoint folder on the config's corpus with the scorer pool; writes ``eval.json``."""
-    from bioray.evaluate.generate import base_key, checkpoint_base
     from bioray.evaluate.pool import run_pool, start_pool, stop_pool, task_score
+
     ckpt = Path(checkpoint).resolve()
-    base = checkpoint_base(ckpt)
-    wanted = cfg.model.name_or_path
-    if wanted != "tiny" and base_key(wanted) != base_key(base):
-        raise CheckpointError(f"{ckpt}: checkpoint was made for base model {base!r}, but config key "
-                              f"'model.name_or_path' names {wanted!r}")
+    base = check_base(ckpt, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
+    check_base_exists(ckpt, base)
     corpus_dir = prepare(cfg)
-    if wanted == "tiny" and not Path(base).is_dir():
-        raise CheckpointError(f"{ckpt}: its base model folder {base!r} no longer exists; rebuild it with "
-                              f"jobs/finetune.py or point model.name_or_path at a copy")
     actors = start_pool(cfg, base, corpus_dir, pool_name(cfg) + "-eval")
     try:
         results, predictions = run_pool(actors, str(ckpt))

@@ -1,0 +1,120 @@
+"""What a checkpoint folder holds, and the one check that it fits a base model.
+
+Training writes checkpoints (``bioray.train``); scoring, ``jobs/evaluate.py``, export and resume
+read them. The file names and the checks they share live here, so each reader agrees with the
+writer and with the others.
+
+A LoRA checkpoint holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``,
+loadable by peft alone); a full fine-tune's holds the whole model (``config.json``,
+``model.safetensors``). Both hold the tokenizer, ``bioray.yaml`` (the resolved config) and
+``trainer_state.json`` (step, and the base model the weights were trained from).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from bioray.errors import CheckpointError
+
+CONFIG_FILE = "bioray.yaml"
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FULL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer_config.json",)
+
+
+def step_dir_name(step: int) -> str:
+    """The folder name of the checkpoint made after ``step`` optimizer steps."""
+    return f"step-{step:06d}"
+
+
+def is_full(directory: str | Path) -> bool:
+    """Whether the folder holds whole model weights (``train.full_finetune``) rather than an adapter."""
+    d = Path(directory)
+    return (d / "config.json").is_file() and not (d / "adapter_config.json").is_file()
+
+
+def checkpoint_base(directory: str | Path) -> str:
+    """The base model a checkpoint was trained from, after checking the folder is complete.
+
+    For an adapter, the adapter config's ``base_model_name_or_path``; for full weights, the base
+    recorded in ``trainer_state.json`` (the folder itself for checkpoints that predate it).
+
+    Raises:
+        CheckpointError: a missing folder or file, or an unreadable adapter config.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint folder not found")
+    full = is_full(d)
+    for name in (FULL_FILES if full else ADAPTER_FILES) + TOKENIZER_FILES + (CONFIG_FILE,):
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d}: incomplete checkpoint, {name} is missing")
+    if full:
+        return _read_json(d / STATE_FILE).get("base_model") or str(d.resolve())
+    base = _read_json(d / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{d / 'adapter_config.json'}: no base_model_name_or_path in it")
+    return base
+
+
+def check_base(directory: str | Path, expected: str, named_by: str | None = None) -> str:
+    """Checks that a checkpoint was made for ``expected``; returns the base it was made for.
+
+    ``expected`` matches when it names the same model as the checkpoint's base (a hub id, or a
+    folder that resolves to the same place) or is the ``model.name_or_path`` its ``bioray.yaml``
+    was trained with (``tiny``, say, which resolves to a cache folder).
+
+    Args:
+        directory: The checkpoint folder.
+        expected: A hub id, a folder, or a ``model.name_or_path`` such as ``tiny``.
+        named_by: Where ``expected`` came from (a config key, a flag), for the error message.
+
+    Raises:
+        CheckpointError: an incomplete checkpoint, or one made for another base model.
+    """
+    base = checkpoint_base(directory)
+    if base_key(expected) != base_key(base) and expected != trained_with(directory):
+        raise CheckpointError(f"{Path(directory)}: checkpoint was made for base model {base!r}, not {expected!r}"
+                              + (f" ({named_by})" if named_by else ""))
+    return base
+
+
+def check_base_exists(directory: str | Path, base: str) -> None:
+    """Checks that a checkpoint's base, where it is a local folder, is still there to load.
+
+    Raises:
+        CheckpointError: the base names a folder that no longer exists (a cleared cache, say).
+    """
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+        raise CheckpointError(f"{Path(directory)}: its base model folder {base!r} no longer exists; rebuild it "
+                              f"with jobs/finetune.py or point model.name_or_path at a copy")
+
+
+def trained_with(directory: str | Path) -> str | None:
+    """``model.name_or_path`` as the checkpoint's ``bioray.yaml`` names it (None if it names none)."""
+    try:
+        data = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: not a readable bioray config") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model.get("name_or_path") if isinstance(model, dict) else None
+
+
+def base_key(path: str) -> str:
+    """A base model's identity for comparison: the resolved folder if it exists, else the hub id."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+    return data if isinstance(data, dict) else {}
