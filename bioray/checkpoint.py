@@ -24,6 +24,22 @@ STATE_FILE = "trainer_state.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer_config.json",)
+# What resuming needs besides the weights, beside them in the same folder: DeepSpeed's own
+# checkpoint (optimizer moments and LR schedule, each rank its ZeRO partition) and each rank's
+# random state. peft and transformers never look in here.
+RESUME_DIR = "resume"
+DEEPSPEED_TAG = "deepspeed"
+# Keys that may differ between a run and its resumption: where it runs and what it prints, how it
+# is scored and searched, how often it reports; everything else decides what is trained.
+NOT_TRAINING_KEYS = ("run.dir", "run.storage", "run.name", "run.resume", "run.quiet", "data.cache_dir",
+                     "data.tokenise_batch_size", "data.tokenise_tasks", "data.tokenise_cpus", "corpus.shard_mib",
+                     "train.max_failures", "train.keep_checkpoints", "train.report_every", "train.cpus_per_worker",
+                     "eval", "tune")
+
+
+def rng_file(rank: int) -> str:
+    """Each rank's random state (dropout masks), inside :data:`RESUME_DIR`."""
+    return f"rng-rank{rank:03d}.safetensors"
 
 
 def step_dir_name(step: int) -> str:
@@ -102,6 +118,26 @@ def trained_with(directory: str | Path) -> str | None:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: not a readable bioray config") from None
     model = data.get("model") if isinstance(data, dict) else None
     return model.get("name_or_path") if isinstance(model, dict) else None
+
+
+def first_difference(saved: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first training key whose value differs between two plain config dicts (``bioray.yaml``).
+
+    Returns:
+        ``(dotted key, saved value, current value)``, or None when the run is the same.
+    """
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in NOT_TRAINING_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{dotted}.")
+            if found:
+                return found
+        elif a != b:
+            return dotted, a, b
+    return None
 
 
 def base_key(path: str) -> str:

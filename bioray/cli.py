@@ -24,18 +24,21 @@ log = logging.getLogger("bioray")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``."""
+    """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``, ``--fresh``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; VALUE is YAML (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--fresh", action="store_true",
+                   help="start training afresh even if run.dir has checkpoints (they are moved aside, not deleted)")
     return p
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    """The resolved config: defaults <- --config (or the quickstart) <- --set (<- --quiet)."""
-    overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
+    """The resolved config: defaults <- --config (or the quickstart) <- --set (<- --quiet, --fresh)."""
+    overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else []) \
+        + (["run.resume=false"] if getattr(args, "fresh", False) else [])
     return load(args.config or DEFAULT_CONFIG, overrides)
 
 

@@ -377,14 +377,24 @@ def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
     return batch
 
 
-def micro_batches(shard, micro_batch_size: int, pad_id: int, packing: bool) -> Iterator[tuple[dict, int]]:
-    """Endless ``(micro-batch, real token count)`` pairs from a worker's shard, epoch after epoch."""
+def micro_batches(shard, micro_batch_size: int, pad_id: int, packing: bool,
+                  skip: int = 0) -> Iterator[tuple[dict, int]]:
+    """Endless ``(micro-batch, real token count)`` pairs from a worker's shard, epoch after epoch.
+
+    Every epoch reads the shard in the same order, so a micro-batch's place in the stream is its
+    data position: ``skip`` passes over the first ``skip`` micro-batches uncollated (a resumed
+    run's, already trained on), and the next one is where the interrupted run would have gone on.
+    """
     while True:
         n = 0
         for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=False):
+            n += 1
+            if skip:
+                skip -= 1
+                continue
             rows = [{k: batch[k][i] for k in ("input_ids", "labels", "position_ids")}
                     for i in range(len(batch["input_ids"]))]
-            n += 1
             yield collate(rows, pad_id, packing), sum(len(r["input_ids"]) for r in rows)
         if n == 0:
             raise DataError("this worker's training shard is empty: the corpus has fewer packed rows than workers")
+        skip %= n  # whole epochs already trained on need not be read again

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bioray.checkpoint import ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, checkpoint_base, is_full
 from bioray.errors import OutputError
+from bioray.storage import is_uri, local_copy
 
 log = logging.getLogger("bioray")
 
@@ -34,7 +35,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
     """Writes the checkpoint's adapter folder, or the merged model, to ``out``.
 
     Args:
-        checkpoint: A checkpoint folder (``run.dir/checkpoints/step-*``).
+        checkpoint: A checkpoint folder (``run.dir/checkpoints/step-*``), or its URI on ``run.storage``.
         out: The folder to create; it must not exist or be empty.
         merge: Merge LoRA into the base and save a plain model folder.
         expected_base: The base model the checkpoint must have been trained on: a hub id or folder
@@ -49,10 +50,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
             that no longer exists (merge).
         OutputError: ``out`` is a file or a non-empty folder.
     """
-    ckpt = Path(checkpoint).resolve()
     dest = Path(out).expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OutputError(f"{dest}: already exists and is not an empty folder; choose a new --out")
+    # A folder, or a URI on run.storage (downloaded to a temporary folder first).
+    with local_copy(str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve())) as ckpt:
+        _export(ckpt, dest, merge, expected_base)
+    log.info("exported %s -> %s (%s)", checkpoint, dest, "merged" if merge else "adapter")
+    return dest
+
+
+def _export(ckpt: Path, dest: Path, merge: bool, expected_base: str | None) -> None:
+    """Writes the export of a local checkpoint folder into a temporary folder, then renames it to ``dest``."""
     # Checks the folder is complete, and (given a base) that it was made for that base.
     base = checkpoint_base(ckpt) if expected_base is None else check_base(ckpt, expected_base)
     full = is_full(ckpt)
@@ -74,8 +83,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s -> %s (%s)", ckpt, dest, "merged" if merge else "adapter")
-    return dest
 
 
 def _merge(ckpt: Path, base: str, out: Path) -> None:

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists
+from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, first_difference
 from bioray.config import Config, dump, to_dict
-from bioray.errors import CheckpointError, DataError
+from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
+from bioray.storage import full_uri, is_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
 
 log = logging.getLogger("bioray")
 
@@ -100,6 +101,7 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
+    check_resume(cfg)
     train_ds, plan = training_dataset(cfg, stages.cache_dir)
     # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
     metrics_log = start_metrics_log(run_dir)
@@ -131,8 +133,8 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
         },
         "eval": best_metrics["eval"],
         "score": best_metrics.get("score"),
-        "best_checkpoint": _abs(best.path),
-        "checkpoints": [{"path": _abs(c.path), "step": m.get("step"), "score": m.get("score")}
+        "best_checkpoint": full_uri(best.path, cfg.run.storage),
+        "checkpoints": [{"path": full_uri(c.path, cfg.run.storage), "step": m.get("step"), "score": m.get("score")}
                         for c, m in result.best_checkpoints],
         "mixture": plan,
         "data": {"cache": str(stages.cache_dir), "tokenised_now": stages.cache_meta["tokenised_now"],
@@ -148,6 +150,42 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     if not tune_reports:
         print(table)
     return out
+
+
+def check_resume(cfg: Config) -> str | None:
+    """Decides whether this run continues from its latest checkpoint, before anything trains.
+
+    A checkpoint in the run's folder is continued only when it was made by this very run: the
+    same training keys (``checkpoint.first_difference``). With ``run.resume: false`` (``--fresh``)
+    the old checkpoints are moved aside, never deleted, and training starts at step 0.
+
+    Returns:
+        The checkpoint the run will continue from, or None for a fresh start.
+
+    Raises:
+        ConfigError: a training key differs from the checkpoint's, naming the first one.
+    """
+    import yaml
+
+    root = run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    if not cfg.run.resume:
+        log.info("starting afresh: moved the earlier checkpoints to %s", move_aside(root))
+        return None
+    try:
+        saved = yaml.safe_load(read_text(f"{latest}/{CONFIG_FILE}"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raise CheckpointError(f"{latest}: cannot read its {CONFIG_FILE}; pass --fresh to start afresh") from None
+    diff = first_difference(saved or {}, yaml.safe_load(dump(cfg)))
+    if diff is not None:
+        key, was, now = diff
+        raise ConfigError(f"config key '{key}': {now!r} here, but the run being resumed in {latest} has {was!r}; "
+                          f"rerun with the same value, or with --fresh to start afresh (the old checkpoints "
+                          f"are moved aside)")
+    log.info("resuming from %s", latest)
+    return latest
 
 
 def write_run_report(cfg: Config, result: dict, records: list[dict], run_dir: Path) -> None:
@@ -171,10 +209,6 @@ def _best_scored(result):
     return result.checkpoint, metrics
 
 
-def _abs(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _json_safe(data):
     """Config dicts go through JSON (validation fn kwargs): keys become strings, which from_dict accepts."""
     return json.loads(json.dumps(data))
@@ -184,16 +218,18 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     """Scores a checkpoint folder on the config's corpus with the scorer pool; writes ``eval.json``."""
     from bioray.evaluate.pool import run_pool, start_pool, stop_pool, task_score
 
-    ckpt = Path(checkpoint).resolve()
-    base = check_base(ckpt, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
-    check_base_exists(ckpt, base)
+    # A folder, or a URI on run.storage: checked here, read by each scorer where it runs.
+    where = checkpoint if is_uri(checkpoint) else str(Path(checkpoint).resolve())
+    with local_copy(where) as ckpt:
+        base = check_base(ckpt, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
+    check_base_exists(where, base)
     corpus_dir = prepare(cfg)
     actors = start_pool(cfg, base, corpus_dir, pool_name(cfg) + "-eval")
     try:
-        results, predictions = run_pool(actors, str(ckpt))
+        results, predictions = run_pool(actors, where)
     finally:
         stop_pool(actors)
-    return _write_eval(cfg, results, {"checkpoint": str(ckpt), "score": task_score(cfg, results)}, predictions)
+    return _write_eval(cfg, results, {"checkpoint": where, "score": task_score(cfg, results)}, predictions)
 
 
 def evaluate_predictions(cfg: Config, predictions_file: str) -> dict:

@@ -15,10 +15,12 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
-from bioray.checkpoint import CONFIG_FILE, STATE_FILE, step_dir_name
+from bioray.checkpoint import CONFIG_FILE, DEEPSPEED_TAG, RESUME_DIR, STATE_FILE, rng_file, step_dir_name
+from bioray.errors import CheckpointError
+from bioray.storage import CHECKPOINTS, run_root
 from bioray.config import Config, dump, from_dict, to_dict
 
 log = logging.getLogger("bioray")
@@ -73,27 +75,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker + 0.5)))
 
-    # The model, and where a checkpoint says training stopped.
+    # The model, and where the latest checkpoint (if any) says training stopped.
     tokenizer = load_tokenizer(base_path, cfg)
     model = _trainable_model(cfg, base_path, torch.bfloat16 if t.use_gpu else torch.float32)
-    state = {}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = _restore(model, Path(d), cfg)
-        log.info("rank %d resumed at step %d", rank, state["step"])
+    opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
+    resume_dir = Path(opened.enter_context(checkpoint.as_directory())) if checkpoint else None
+    state = _load_weights(model, resume_dir, cfg) if resume_dir else {}
     start_step = state.get("step", 0)
 
-    # The engine: DeepSpeed around the model, its optimizer and the LR schedule.
+    # The engine: DeepSpeed around the model, its optimizer and the LR schedule; on resume also the
+    # optimizer moments, the schedule's position and this rank's random state.
     optimizer = adamw((p for p in model.parameters() if p.requires_grad), t.lr, t.weight_decay, t.offload)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, t.warmup_steps, t.max_steps, start_step),
         config=deepspeed_config(cfg), dist_init_required=False,  # Ray Train already set up the process group
     )
+    if resume_dir:
+        _load_training_state(engine, resume_dir, rank)
+        opened.close()
+        log.info("rank %d resumed at step %d (micro-batch %d of its shard)", rank, start_step,
+                 start_step * t.grad_accum)
 
-    # The loop: exactly max_steps optimizer steps, over as many epochs of the shard as it takes.
-    batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, tokenizer.pad_token_id,
-                            cfg.data.packing)
+    # The loop: exactly max_steps optimizer steps, over as many epochs of this rank's shard as it
+    # takes; a resumed run passes over the micro-batches it already trained on.
+    batches = micro_batches(ray.train.get_dataset_shard(shard_name(rank)), t.micro_batch_size,
+                            tokenizer.pad_token_id, cfg.data.packing, skip=start_step * t.grad_accum)
     meter = _Meter(start_step, state.get("first_loss"))
     for step in range(start_step, t.max_steps):
         for _ in range(t.grad_accum):
@@ -102,6 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and the schedule at accumulation boundaries
             meter.add(loss.item(), real_tokens)
+        meter.end_step()
         done = step + 1
         is_ckpt = done == t.max_steps or (t.checkpoint_every and done % t.checkpoint_every == 0)
         if not (is_ckpt or done % t.report_every == 0):
@@ -117,6 +125,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
+def shard_name(rank: int) -> str:
+    """The name of rank ``rank``'s training dataset (see :func:`fit`)."""
+    return f"train_{rank}"
+
+
 class _Meter:
     """Loss and real-token counts between reports, averaged over all ranks when reported."""
 
@@ -127,29 +140,43 @@ class _Meter:
         self._reset()
 
     def _reset(self) -> None:
+        self.step_losses: list[float] = []  # this rank's mean loss of each step since the last report
         self.loss, self.n, self.tokens, self.start = 0.0, 0, 0, time.time()
+        self._step_loss, self._step_n = 0.0, 0
 
     def add(self, loss: float, tokens: int) -> None:
+        """One micro-batch's loss and real tokens."""
         self.loss, self.n, self.tokens = self.loss + loss, self.n + 1, self.tokens + tokens
+        self._step_loss, self._step_n = self._step_loss + loss, self._step_n + 1
+
+    def end_step(self) -> None:
+        """Closes an optimizer step (``train.grad_accum`` micro-batches)."""
+        self.step_losses.append(self._step_loss / max(self._step_n, 1))
+        self._step_loss, self._step_n = 0.0, 0
 
     def seconds_per_step(self) -> float:
         """Over this worker's run so far (since its start or resume)."""
         return (time.time() - self.run_start) / max(self.step - self.start_step, 1)
 
     def report(self, step: int, lr: float) -> dict:
-        """The run's metrics at ``step``: an all-reduce, so every rank must call it."""
+        """The run's metrics at ``step``: all-reduces, so every rank must call it.
+
+        ``step_losses`` holds the mean loss of every step since the last report, over all ranks:
+        what a resumed run is compared by, step for step.
+        """
         import torch
         import torch.distributed as dist
 
-        stats = torch.tensor([self.loss, self.n, self.tokens], dtype=torch.float64)
+        stats = torch.tensor([self.loss, self.n, self.tokens, *self.step_losses], dtype=torch.float64)
         dist.all_reduce(stats)
-        loss, n, tokens = stats.tolist()
+        loss, n, tokens, *step_sums = stats.tolist()
         mean = loss / max(n, 1)
         self.first_loss = mean if self.first_loss is None else self.first_loss
         self.run_tokens += tokens
         self.step = step
         now = time.time()
         metrics = {"step": step, "loss": mean, "first_loss": self.first_loss, "lr": lr,
+                   "step_losses": [v / dist.get_world_size() for v in step_sums],
                    "tokens_per_s": tokens / max(now - self.start, 1e-9),
                    "run_tokens_per_s": self.run_tokens / max(now - self.run_start, 1e-9)}
         self._reset()
@@ -167,36 +194,82 @@ def _trainable_model(cfg: Config, base_path: str, dtype):
     return model if cfg.train.full_finetune else add_lora(model, cfg)
 
 
-def _restore(model, directory: Path, cfg: Config) -> dict:
-    """Loads adapter (or full) weights and the trainer state from a checkpoint folder."""
+def _load_weights(model, directory: Path, cfg: Config) -> dict:
+    """Loads the adapter (or full) weights of a checkpoint strictly; returns its trainer state.
+
+    Strict: a weight the model has no place for, or a trainable weight the checkpoint lacks, is
+    an error (a checkpoint of another LoRA shape or base must never load half-way).
+
+    Raises:
+        CheckpointError: naming the folder and the first key that does not fit.
+    """
     from safetensors.torch import load_file
 
     state = json.loads((directory / STATE_FILE).read_text())
     if cfg.train.full_finetune:
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+        result = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+        # Tied weights (the tiny base's lm_head is its embedding) are saved once, under one name.
+        aliases = set(model.state_dict()) - set(dict(model.named_parameters())) - set(dict(model.named_buffers()))
+        missing = [k for k in result.missing_keys if k not in aliases]
     else:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in result.missing_keys if k in trainable]
+    bad = [f"unexpected weight {k}" for k in result.unexpected_keys] + [f"missing weight {k}" for k in missing]
+    if bad:
+        raise CheckpointError(f"{directory}: does not fit this model ({bad[0]}; {len(bad)} in all)")
     return state
+
+
+def _load_training_state(engine, directory: Path, rank: int) -> None:
+    """Optimizer moments and LR schedule (DeepSpeed's checkpoint) and this rank's random state.
+
+    Raises:
+        CheckpointError: the checkpoint has no resume state (made by bioray before 0.2), or none for this rank.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    resume = directory / RESUME_DIR
+    rng = resume / rng_file(rank)
+    if not (resume / DEEPSPEED_TAG).is_dir() or not rng.is_file():
+        raise CheckpointError(f"{directory}: no resume state for rank {rank} in {RESUME_DIR}/ (a checkpoint of "
+                              f"another world size, or made before bioray 0.2); start afresh with --fresh")
+    # DeepSpeed's module states hold the trainable weights only (exclude_frozen_parameters): they
+    # are the ones _load_weights already loaded strictly, so DeepSpeed need not check them again.
+    path, _ = engine.load_checkpoint(str(resume), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{resume}: DeepSpeed found no checkpoint to load")
+    states = load_file(str(rng))
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int, base_path: str,
                        validate: bool) -> None:
-    """Saves the adapter or model (rank 0 writes; under ZeRO-3 every rank joins the gather) and reports it.
+    """Saves a checkpoint and reports it; every rank writes its part into the same folder.
 
-    With ``validate``, the report asks for scoring; its step travels with the request, so the scores
+    Rank 0 writes the adapter (or model), tokenizer, ``bioray.yaml`` and ``trainer_state.json``;
+    every rank writes its resume state (its ZeRO partition of the optimizer, its random state)
+    under ``resume/``. Ray Train uploads each rank's files into the one checkpoint folder. With
+    ``validate``, the report asks for scoring; its step travels with the request, so the scores
     are logged under the step of the checkpoint they belong to (``bioray.observe``).
     """
     import deepspeed
     import ray.train
+    import torch
     from ray.train import Checkpoint
+    from safetensors.torch import save_file
 
     from bioray._ray import ValidationTaskConfig
 
+    full = cfg.train.full_finetune
     module = engine.module
-    params = list(module.parameters()) if cfg.train.full_finetune else \
-        [p for p in module.parameters() if p.requires_grad]
+    params = list(module.parameters()) if full else [p for p in module.parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory(prefix="bioray-ckpt-") as tmp:
         # ZeRO-3 partitions parameters across ranks: gather them (a collective, so every rank
         # enters) before rank 0 saves, or the saved file holds empty tensors.
@@ -205,17 +278,25 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
         with gathered:
             if rank == 0:
                 module.save_pretrained(tmp, safe_serialization=True)
-        checkpoint = None
+        resume = Path(tmp, RESUME_DIR)
+        # A collective too: each rank writes its own optimizer partition. Frozen base weights stay
+        # out (they are the base model's), so a LoRA checkpoint grows by the adapter's optimizer state.
+        engine.save_checkpoint(str(resume), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=not full)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(resume / rng_file(rank)))
         if rank == 0:
             tokenizer.save_pretrained(tmp)
             Path(tmp, CONFIG_FILE).write_text(dump(cfg))
-            # base_model: what a full checkpoint was trained from (an adapter's config says it too).
-            Path(tmp, STATE_FILE).write_text(json.dumps({"step": metrics["step"], "first_loss": metrics["first_loss"],
-                                                         "base_model": base_path}))
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(metrics["step"]),
-                         validation=ValidationTaskConfig(fn_kwargs={"step": metrics["step"]})
-                         if checkpoint is not None and validate else False)
+            # base_model: what a full checkpoint was trained from (an adapter's config says it too);
+            # micro_batches: the data position, each rank's micro-batches trained on so far.
+            Path(tmp, STATE_FILE).write_text(json.dumps({
+                "step": metrics["step"], "first_loss": metrics["first_loss"], "base_model": base_path,
+                "micro_batches": metrics["step"] * cfg.train.grad_accum, "world_size": cfg.train.num_workers}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=step_dir_name(metrics["step"]),
+                         validation=ValidationTaskConfig(fn_kwargs={"step": metrics["step"]}) if validate else False)
 
 
 def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kwargs: dict | None = None,
@@ -233,7 +314,7 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
         tune_reports: Inside a Tune trial: forward every report to Tune, with the latest task
             score from ``metrics_log`` (see ``bioray.observe.tune_report_callback``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from bioray._ray import ValidationConfig, ValidationTaskConfig
@@ -242,11 +323,16 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
     # Mix, shuffle and pack once, before the workers hold their CPUs: on a small cluster the
     # shuffle tasks would otherwise wait forever for a CPU the training workers hold (Ray never
     # oversubscribes). The packed epoch then streams from the object store.
-    train_ds = train_ds.materialize()
-    # Streaming the packed epoch to the workers runs in Ray Data's split coordinator (a worker
-    # process, where progress would be bars); rank 0's step lines are the progress of this stage.
-    train_ds.context.enable_progress_bars = False
     t = cfg.train
+    train_ds = train_ds.materialize()
+    # One fixed shard per rank, split by rows here rather than streamed by Ray Train's split
+    # coordinator (which hands blocks to whichever worker asks first): every rank then reads the
+    # same rows in the same order in every epoch and after every restart, so a micro-batch's index
+    # is its data position and a resumed run continues exactly. Equal rows per shard (rows are
+    # packed sequences) keep every rank at the same number of micro-batches per epoch.
+    shards = {shard_name(rank): ds for rank, ds in enumerate(train_ds.split(t.num_workers, equal=True))}
+    for ds in shards.values():
+        ds.context.enable_progress_bars = False  # rank 0's step lines are this stage's progress
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -255,8 +341,9 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
     if tune_reports:
         callbacks.append(tune_report_callback(metrics_log))
     run_config = RunConfig(
-        name="checkpoints",
-        storage_path=cfg.run.storage or str(Path(cfg.run.dir).resolve()),
+        # <run.dir>/checkpoints, or <run.storage>/<run name>/checkpoints: one folder per run and trial.
+        name=CHECKPOINTS,
+        storage_path=run_root(cfg.run.dir, cfg.run.storage, cfg.run.name),
         checkpoint_config=CheckpointConfig(
             num_to_keep=t.keep_checkpoints,
             checkpoint_score_attribute="score" if scored else "step",
@@ -285,7 +372,8 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=run_config,
-        datasets={"train": train_ds},
+        datasets=shards,
+        dataset_config=DataConfig(datasets_to_split=[]),  # already one per rank
         validation_config=validation_config,
     )
     return trainer.fit()

@@ -33,6 +33,7 @@ from bioray.config import Config, apply_override, dump, from_dict, load, to_dict
 from bioray.errors import ConfigError
 from bioray.files import write_json, write_text, write_via
 from bioray.recipes import Stages, pool_name, shared_stages, train_and_score
+from bioray.storage import run_root
 
 log = logging.getLogger("bioray")
 
@@ -77,8 +78,12 @@ def mixture_weights(params: dict) -> dict[str, float]:
     return {k: round(v / total, 6) for k, v in factors.items()} if total > 0 else {}
 
 
-def trial_config(base: dict, params: dict, run_dir: str) -> Config:
-    """The config of one trial: the base config with the sampled values, in its own run folder."""
+def trial_config(base: dict, params: dict, run_dir: str, trial_id: str | None = None) -> Config:
+    """The config of one trial: the base config with the sampled values, in its own run folder.
+
+    On ``run.storage`` the trial's checkpoints go under ``<search name>/trials/<trial id>``, apart
+    from every other trial's and run's.
+    """
     data = copy.deepcopy(base)
     weights = mixture_weights(params)
     if weights:
@@ -87,6 +92,8 @@ def trial_config(base: dict, params: dict, run_dir: str) -> Config:
         if not key.startswith(FACTOR):
             apply_override(data, f"{key}={json.dumps(value)}")
     data["run"]["dir"] = run_dir
+    search = data["run"].get("name") or Path(base["run"]["dir"]).expanduser().resolve().name
+    data["run"]["name"] = f"{search}/trials/{trial_id or Path(run_dir).name}"
     return from_dict(data)
 
 
@@ -98,7 +105,7 @@ def _trial(params: dict, setup: dict) -> None:
 
     setup_logging(quiet=True)
     trial_dir = Path(setup["dir"]) / "trials" / tune.get_context().get_trial_id()
-    cfg = trial_config(setup["config"], params, str(trial_dir))
+    cfg = trial_config(setup["config"], params, str(trial_dir), trial_dir.name)
     out = finished_trial(cfg, trial_dir)
     if out is None:
         write_text(trial_dir / CONFIG_FILE, dump(cfg))
@@ -184,7 +191,8 @@ def search(cfg: Config) -> dict:
     # Reports before the first score has no latest_score; ASHA skips those, Tune's strict check would not.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     concurrent = cfg.tune.max_concurrent_trials or max_concurrent(cfg)
-    path = str(tune_dir / EXPERIMENT)
+    # Under run.storage when set, so a search resumes from any machine (a new head node, say).
+    path = f"{run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)}/tune/{EXPERIMENT}"
     # Ray Data's cluster-wide stats actor is created by the first dataset that runs; if that is
     # inside a trial, it lands in (and outlives) a trial's placement group, whose CPUs are then
     # never released. Run one tiny dataset here first.
@@ -204,7 +212,7 @@ def search(cfg: Config) -> dict:
                 tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg),
                                             max_concurrent_trials=None if cfg.tune.search == "random" else concurrent,
                                             search_alg=_search_alg(cfg, concurrent)),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir), verbose=0),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0], verbose=0),
             )
         grid = tuner.fit()
     finally:

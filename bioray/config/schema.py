@@ -21,7 +21,11 @@ class RunSection:
     seed: int = 0
     """Seeds instruction draws, mixing, LoRA init and data order."""
     storage: Optional[str] = None
-    """Where Ray Train persists checkpoints (local path or s3://...); null = run.dir (checkpoints/ in it)."""
+    """Where Ray Train persists checkpoints (local path or s3://...): under <storage>/<run name>/checkpoints/; null = run.dir/checkpoints/."""
+    name: Optional[str] = None
+    """This run's folder under run.storage; null = the last part of run.dir (a Tune trial: <search>/trials/<trial id>)."""
+    resume: bool = True
+    """Continue from the run's latest checkpoint when there is one (its training keys must match); false (the jobs' `--fresh`) starts afresh, moving old checkpoints aside."""
     quiet: bool = False
     """Silence progress lines (the jobs' `--quiet` sets it)."""
 
@@ -146,8 +150,8 @@ class TrainSection:
     """Steps between checkpoints; 0 = only at the end."""
     keep_checkpoints: int = 2
     """Best checkpoints kept by eval score."""
-    max_failures: int = 0
-    """Worker failures Ray Train recovers from, resuming at the latest checkpoint."""
+    max_failures: int = 3
+    """Worker-group failures (a lost node, a preempted GPU) Ray Train recovers from, resuming exactly at the latest checkpoint; -1 = no limit."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
-    from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection,
+    from bioray.config.schema import (Config, CorpusSection, RunSection, DataSection, EvalSection, LoraSection,
                                       MixtureSection, TrainSection, TuneSection)
 
 FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions")
@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
     Raises:
         ConfigError: naming the first bad key.
     """
+    validate_run(cfg.run)
     validate_corpus(cfg.corpus)
     validate_data(cfg.data)
     validate_train(cfg.train)
@@ -61,6 +62,14 @@ def validate(cfg: Config) -> None:
     validate_tune(cfg.tune)
     validate_mixture_weights(cfg)
     validate_tune_space(cfg)
+
+
+def validate_run(r: RunSection) -> None:
+    """The run's name under run.storage: a relative path that stays inside it."""
+    if r.name is not None:
+        parts = r.name.split("/")
+        if not r.name or r.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            fail("run.name", "a relative folder name such as my-run or search/trials/t1 (no '..')", r.name)
 
 
 def validate_corpus(c: CorpusSection) -> None:
@@ -126,6 +135,8 @@ def validate_train(t: TrainSection) -> None:
         fail("train.cpus_per_worker", "a positive number of CPUs", t.cpus_per_worker)
     if t.checkpoint_every < 0:
         fail("train.checkpoint_every", "an integer >= 0", t.checkpoint_every)
+    if t.max_failures < -1:
+        fail("train.max_failures", "an integer >= 0, or -1 for no limit", t.max_failures)
 
 
 def validate_lora(lora: LoraSection) -> None:

@@ -16,6 +16,7 @@ import ray
 
 from bioray.config import Config, from_dict, to_dict
 from bioray.errors import CheckpointError, DataError
+from bioray.storage import local_copy
 
 log = logging.getLogger("bioray")
 
@@ -131,7 +132,8 @@ class Scorer:
         if not self.items:
             return {}
         if isinstance(checkpoint, (str, Path)):
-            self.generator.use(checkpoint)
+            with local_copy(str(checkpoint)) as d:  # a folder, or a URI on object storage
+                self.generator.use(d)
         else:
             with checkpoint.as_directory() as d:
                 self.generator.use(d)

@@ -1,0 +1,111 @@
+"""Where a run's checkpoints live: a local folder, or object storage every node can reach.
+
+``run.storage`` is a local path or any URI pyarrow's filesystems accept (``s3://bucket/prefix``,
+``gs://...``); credentials and the endpoint come from the environment as the cloud's own SDKs read
+them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or from instance
+roles, and never from a bioray file. Each run gets its own folder under it (``run.name``), so runs
+and Tune trials never share, overwrite or delete each other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names object storage (``scheme://...``) rather than a local folder."""
+    return "://" in path and not path.startswith("file://")
+
+
+def run_root(run_dir: str, storage: str | None, name: str | None) -> str:
+    """The folder that holds this run's ``checkpoints/``: ``run.dir``, or ``<storage>/<name>``.
+
+    ``name`` defaults to the last part of ``run_dir``.
+    """
+    if not storage:
+        return str(Path(run_dir).expanduser().resolve())
+    name = name or Path(run_dir).expanduser().resolve().name
+    return storage.rstrip("/") + "/" + name if is_uri(storage) else str(Path(storage).expanduser().resolve() / name)
+
+
+def filesystem(uri_or_path: str):
+    """``(pyarrow filesystem, path inside it)`` for a URI or a local path."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(uri_or_path):
+        return pafs.LocalFileSystem(), str(Path(uri_or_path.removeprefix("file://")).expanduser().resolve())
+    return pafs.FileSystem.from_uri(uri_or_path)
+
+
+def full_uri(path: str, storage: str | None) -> str:
+    """A path Ray Train reports (no scheme on object storage) as a URI another process can open."""
+    if storage and is_uri(storage):
+        scheme = storage.split("://", 1)[0]
+        return path if "://" in path else f"{scheme}://{path.lstrip('/')}"
+    return str(Path(path).resolve())
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest ``step-NNNNNN`` folder under ``<root>/checkpoints`` (a URI or path), or None."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(root)
+    selector = pafs.FileSelector(f"{base}/{CHECKPOINTS}", allow_not_found=True)
+    steps = [(int(m.group(1)), info.path) for info in fs.get_file_info(selector)
+             if info.type == pafs.FileType.Directory and (m := _STEP_DIR.match(info.base_name))]
+    if not steps:
+        return None
+    path = max(steps)[1]
+    return full_uri(path, root) if is_uri(root) else path
+
+
+def read_text(uri_or_path: str) -> str:
+    """A small file's text, from a local path or a URI."""
+    fs, path = filesystem(uri_or_path)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def move_aside(root: str) -> str | None:
+    """Renames ``<root>/checkpoints`` to ``checkpoints.replaced-<UTC time>`` (nothing is deleted).
+
+    Returns:
+        The new location, or None when there was nothing to move.
+    """
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(root)
+    src = f"{base}/{CHECKPOINTS}"
+    if fs.get_file_info(src).type == pafs.FileType.NotFound:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dst = f"{src}.replaced-{stamp}"
+    fs.move(src, dst)
+    return full_uri(dst, root) if is_uri(root) else dst
+
+
+@contextlib.contextmanager
+def local_copy(uri_or_path: str) -> Iterator[Path]:
+    """A checkpoint folder on local disk: the folder itself, or a temporary download of a URI."""
+    if not is_uri(uri_or_path):
+        yield Path(uri_or_path.removeprefix("file://")).expanduser().resolve()
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri_or_path)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        from bioray.errors import CheckpointError
+
+        raise CheckpointError(f"{uri_or_path}: checkpoint folder not found")
+    with tempfile.TemporaryDirectory(prefix="bioray-download-") as tmp:
+        dest = Path(tmp) / Path(path).name
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield dest
