@@ -25,7 +25,7 @@ from bioray.optim import lr_schedule
 
 log = logging.getLogger("bioray")
 
-TINY_VERSION = "2"  # 2: transformers' warmup + cosine schedule (bioray.optim)
+TINY_VERSION = "1"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
