@@ -52,6 +52,9 @@ class MetricsLog:
         step = int(metrics["step"])
         record = {"kind": "train", "step": step, **{k: metrics[k] for k in TRAIN_KEYS if k in metrics},
                   "time": round(time.time(), 3)}
+        if metrics.get("step_losses"):
+            # The mean loss of every step since the last report (the last one is `step`'s).
+            record["step_losses"] = [float(v) for v in metrics["step_losses"]]
         last = max((r["step"] for r in self.records if r["kind"] == "train"), default=0)
         purge = step <= last
         if purge:
@@ -60,10 +63,15 @@ class MetricsLog:
             _rewrite(self.path, self.records)
             log.info("metrics: resumed at step %d, dropped the records logged from it on", step)
         self._append(record)
-        tb = self._writer(purge_step=step if purge else None)
+        # The first step this record speaks for: TensorBoard hides what was logged from there on.
+        first = step - len(record.get("step_losses", [None])) + 1
+        tb = self._writer(purge_step=first if purge else None)
         for k in TRAIN_KEYS:
             if k in record:
                 tb.add_scalar(f"train/{k}", record[k], step)
+        losses = record.get("step_losses", [])
+        for i, v in enumerate(losses):
+            tb.add_scalar("train/step_loss", v, step - len(losses) + 1 + i)
         tb.flush()
 
     def scores(self, step: int, score: float | None, results: dict, checkpoint: str | None = None) -> None:

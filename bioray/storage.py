@@ -88,7 +88,12 @@ def move_aside(root: str) -> str | None:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dst = f"{src}.replaced-{stamp}"
-    fs.move(src, dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+    else:  # object stores have no folders to rename: copy every object, then remove the originals
+        for rel in _files_under(fs, src):
+            fs.copy_file(f"{src}/{rel}", f"{dst}/{rel}")
+        fs.delete_dir(src)
     return full_uri(dst, root) if is_uri(root) else dst
 
 
@@ -107,5 +112,18 @@ def local_copy(uri_or_path: str) -> Iterator[Path]:
         raise CheckpointError(f"{uri_or_path}: checkpoint folder not found")
     with tempfile.TemporaryDirectory(prefix="bioray-download-") as tmp:
         dest = Path(tmp) / Path(path).name
-        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        for rel in _files_under(fs, path):
+            # Object stores list files, not folders: make each file's folder here first.
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{path}/{rel}") as src, open(dest / rel, "wb") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
         yield dest
+
+
+def _files_under(fs, path: str) -> list[str]:
+    """Every file below ``path``, relative to it."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)

@@ -1,0 +1,111 @@
+"""Where checkpoints live: local folders and a real S3-compatible server (moto, on 127.0.0.1).
+
+Also what decides that a rerun is the same run (``checkpoint.first_difference``).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bioray.checkpoint import first_difference
+from bioray.config import Config, to_dict
+from bioray.storage import full_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
+
+BUCKET = "bioray-test"
+
+
+def test_first_difference_names_the_first_training_key():
+    saved = to_dict(Config())
+    same = to_dict(Config())
+    same["run"]["dir"], same["eval"]["max_examples"], same["train"]["keep_checkpoints"] = "elsewhere", 3, 9
+    assert first_difference(saved, same) is None  # where it runs and how it is scored: the same run
+    other = to_dict(Config())
+    other["train"]["lr"], other["lora"]["rank"] = 1e-3, 4
+    assert first_difference(saved, other) == ("lora.rank", 16, 4)  # sorted: lora before train
+    other["lora"]["rank"] = 16
+    assert first_difference(saved, other) == ("train.lr", 2e-4, 1e-3)
+
+
+def test_run_root_gives_each_run_its_own_folder(tmp_path):
+    assert run_root(str(tmp_path / "a"), None, None) == str(tmp_path / "a")
+    assert run_root("runs/x", "s3://b/p/", None) == "s3://b/p/x"
+    assert run_root("runs/x", "s3://b/p", "search/trials/t1") == "s3://b/p/search/trials/t1"
+    assert run_root("runs/x", str(tmp_path / "store"), None) == str(tmp_path / "store" / "x")
+    assert full_uri("b/p/x/checkpoints/step-000010", "s3://b/p") == "s3://b/p/x/checkpoints/step-000010"
+    assert full_uri(str(tmp_path / "c"), None) == str(tmp_path / "c")
+
+
+def _checkpoints(root: Path, *steps):
+    for s in steps:
+        d = root / "checkpoints" / f"step-{s:06d}"
+        d.mkdir(parents=True)
+        (d / "bioray.yaml").write_text(f"step: {s}\n")
+
+
+def test_latest_checkpoint_and_move_aside_on_a_local_folder(tmp_path):
+    root = tmp_path / "run"
+    assert latest_checkpoint(str(root)) is None
+    _checkpoints(root, 10, 200, 30)
+    (root / "checkpoints" / "step-x").mkdir()
+    latest = latest_checkpoint(str(root))
+    assert latest == str(root / "checkpoints" / "step-000200") and read_text(f"{latest}/bioray.yaml") == "step: 200\n"
+    moved = move_aside(str(root))
+    assert latest_checkpoint(str(root)) is None and sorted(p.name for p in Path(moved).iterdir()) == \
+        ["step-000010", "step-000030", "step-000200", "step-x"]  # moved, not deleted
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket; credentials and endpoint only in the environment."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield f"s3://{BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_latest_checkpoint_move_aside_and_download_on_s3(s3, tmp_path):
+    import pyarrow.fs as pafs
+
+    local = tmp_path / "local"
+    _checkpoints(local, 10, 20)
+    root = run_root("runs/r1", s3 + "/prefix", None)
+    fs, path = pafs.FileSystem.from_uri(root)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    latest = latest_checkpoint(root)
+    assert latest == f"{s3}/prefix/r1/checkpoints/step-000020"
+    with local_copy(latest) as d:
+        assert (d / "bioray.yaml").read_text() == "step: 20\n"
+    assert not d.exists()  # the download is temporary
+    moved = move_aside(root)
+    assert latest_checkpoint(root) is None and moved.startswith(f"{s3}/prefix/r1/checkpoints.replaced-")
+    assert read_text(f"{moved}/step-000010/bioray.yaml") == "step: 10\n"
