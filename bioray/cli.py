@@ -14,25 +14,33 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from bioray.config import Config, load
+from bioray.config import Config, load, packaged_configs
 from bioray.errors import BiorayError
 from bioray.logs import OneLineProgress, setup_logging
 
+# The folder bioray is imported from: a checkout, or site-packages after `pip install`.
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = "quickstart"  # the packaged configs/quickstart.yaml (bioray/configs/ in the package)
 log = logging.getLogger("bioray")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``, ``--fresh``."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
+    add_config_arguments(p)
+    return p
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet`` and ``--fresh`` to a job's parser."""
+    p.add_argument("--config", default=None, metavar="FILE|NAME",
+                   help=f"YAML config file, or a packaged one by name ({', '.join(packaged_configs())}); "
+                        f"default: {DEFAULT_CONFIG}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; VALUE is YAML (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--fresh", action="store_true",
-                   help="start training afresh even if run.dir has checkpoints (they are moved aside, not deleted)")
-    return p
+                   help="start training afresh even if the run has checkpoints (they are moved aside, not deleted)")
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -71,7 +79,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(runtime_env=_without_job_keys(runtime_env), log_to_driver=not cfg.run.quiet,
                  configure_logging=False)
     else:
-        # A local cluster: workers import bioray from this checkout even when it is not installed.
+        # A local cluster: workers import bioray from where the driver did (a checkout need not be installed).
         env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         # Ray's default dashboard setting (on where ray[default] is installed, failure not fatal):
         # Ray Train's PlacementGroupCleaner asks the state API, served by the dashboard, whether a

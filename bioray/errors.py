@@ -19,3 +19,7 @@ class CheckpointError(BiorayError):
 
 class OutputError(BiorayError):
     """An output folder exists and would be overwritten."""
+
+
+class FetchError(BiorayError):
+    """A public corpus could not be downloaded, or its checksum does not match."""

@@ -1,29 +1,16 @@
-"""Score a checkpoint (generating answers) or a predictions file on the config's corpus; write eval.json."""
+"""Score a checkpoint or a predictions file; write eval.json: `bioray evaluate` as a script (`ray job submit --working-dir .`).
+
+Arguments and body: bioray.commands.COMMANDS["evaluate"].
+"""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bioray import cli  # noqa: E402
+from bioray import commands  # noqa: E402
 
-
-@cli.main
-def main() -> None:
-    p = cli.parser(__doc__)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="checkpoint folder (adapter + tokenizer + bioray.yaml)")
-    what.add_argument("--predictions", help="JSONL file of {\"id\": ..., \"prediction\": ...}")
-    args = p.parse_args()
-    cfg = cli.start(args)
-    from bioray.recipes import evaluate_checkpoint, evaluate_predictions
-
-    if args.checkpoint:
-        evaluate_checkpoint(cfg, args.checkpoint)
-    else:
-        evaluate_predictions(cfg, args.predictions)
-    print(f"eval: {Path(cfg.run.dir).resolve() / 'eval.json'}")
-
+main = commands.script("evaluate")
 
 if __name__ == "__main__":
     main()

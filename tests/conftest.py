@@ -13,6 +13,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The data root that ${BIORAY_DATA} in configs (configs/ner-real.yaml) reads: the real data here.
+os.environ.setdefault("BIORAY_DATA", str(SHARED_DATA))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -157,3 +157,57 @@ def test_config_reference_is_up_to_date():
 
     assert (ROOT / "docs" / "config.md").read_text() == reference_markdown() + "\n", \
         "docs/config.md is stale: python -m bioray.config > docs/config.md"
+
+
+def test_a_packaged_config_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    from bioray.config import config_file, packaged_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert packaged_configs() == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert config_file("quickstart") == config_file("quickstart.yaml") == ROOT / "bioray" / "configs" / "quickstart.yaml"
+    assert load("quickstart") == load(ROOT / "configs" / "quickstart.yaml")
+    (tmp_path / "quickstart.yaml").write_text("run: {dir: mine}\n")  # a file that exists is a file
+    assert load("quickstart.yaml").run.dir == "mine" and load("quickstart").run.dir == "runs/quickstart"
+    with pytest.raises(ConfigError, match=r"^quickstrat: config file not found \(nor a packaged config: "
+                                          r"llama2-7b-lora, ner-real, quickstart\)$"):
+        load("quickstrat")
+    with pytest.raises(ConfigError, match=r"^sub/quickstart: config file not found$"):
+        load("sub/quickstart")  # a path with a folder is never a packaged name
+
+
+def _sources_at(path: str) -> dict:
+    return {"corpus": {"sources": [{"name": "a", "files": {"train": path, "test": "plain/test.tsv"}}]}}
+
+
+def test_bioray_data_in_source_paths_is_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIORAY_DATA", str(tmp_path / "root"))
+    cfg = from_dict(_sources_at("${BIORAY_DATA}/ner/X/train.tsv"))
+    assert cfg.corpus.sources[0].files == {"train": f"{tmp_path}/root/ner/X/train.tsv", "test": "plain/test.tsv"}
+    assert from_dict(to_dict(cfg)) == cfg  # what crosses to workers is already resolved
+
+    monkeypatch.delenv("BIORAY_DATA")  # unset: the user's data dir (XDG), bioray's folder in it
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert from_dict(_sources_at("${BIORAY_DATA}/t.tsv")).corpus.sources[0].files["train"] == f"{tmp_path}/xdg/bioray/t.tsv"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert from_dict(_sources_at("${BIORAY_DATA}/t.tsv")).corpus.sources[0].files["train"] == \
+        f"{tmp_path}/home/.local/share/bioray/t.tsv"
+
+
+def test_ner_real_reads_the_shared_data_through_bioray_data(shared_data, monkeypatch):
+    monkeypatch.setenv("BIORAY_DATA", str(shared_data))
+    cfg = load(ROOT / "configs" / "ner-real.yaml")
+    paths = [p for s in cfg.corpus.sources for p in s.files.values()]
+    assert len(paths) == 6 and all(p.startswith(f"{shared_data.resolve()}/ner/") for p in paths)
+    assert all((shared_data / "ner").joinpath(*p.split("/ner/", 1)[1].split("/")).is_file() for p in paths)
+
+
+def test_a_corpus_not_fetched_yet_fails_naming_the_key_and_the_fetch(tmp_path, monkeypatch):
+    from bioray.corpus.build import _check_files
+    from bioray.errors import DataError
+
+    monkeypatch.setenv("BIORAY_DATA", str(tmp_path))
+    cfg = load(ROOT / "configs" / "ner-real.yaml")
+    with pytest.raises(DataError, match=rf"^config key 'corpus.sources\[0\].files.train': file not found: "
+                                        rf"{tmp_path}/ner/NCBI-disease/train.tsv \(under BIORAY_DATA=.*bioray data fetch"):
+        _check_files(cfg)

@@ -10,15 +10,17 @@ Import from here (``from bioray.config import Config, load``); the modules are t
 """
 
 from bioray.config.docs import reference_markdown
-from bioray.config.load import RENAMED, apply_override, dump, from_dict, load, read_yaml, to_dict
+from bioray.config.load import (DATA_ENV, RENAMED, apply_override, config_file, data_root, dump, from_dict, load,
+                                packaged_configs, read_yaml, to_dict)
 from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
                                   ModelSection, RunSection, SourceConfig, TinyModelSection, TrainSection,
                                   TuneSection)
 from bioray.config.validate import FORMAT_TASK, FORMATS, SPLITS, TASKS, TUNE_SPACE_KINDS
 
 __all__ = [
-    "FORMATS", "FORMAT_TASK", "RENAMED", "SPLITS", "TASKS", "TUNE_SPACE_KINDS",
+    "DATA_ENV", "FORMATS", "FORMAT_TASK", "RENAMED", "SPLITS", "TASKS", "TUNE_SPACE_KINDS",
     "Config", "CorpusSection", "DataSection", "EvalSection", "LoraSection", "MixtureSection", "ModelSection",
     "RunSection", "SourceConfig", "TinyModelSection", "TrainSection", "TuneSection",
-    "apply_override", "dump", "from_dict", "load", "read_yaml", "reference_markdown", "to_dict",
+    "apply_override", "config_file", "data_root", "dump", "from_dict", "load", "packaged_configs", "read_yaml",
+    "reference_markdown", "to_dict",
 ]

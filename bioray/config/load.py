@@ -5,12 +5,17 @@ raw dict into the schema's dataclasses, checking every key and type on the way (
 ``Config.__post_init__`` checks the values). :func:`to_dict` is the plain form that crosses
 process boundaries (Ray Train's ``train_loop_config``, Tune's ``param_space``) and :func:`dump`
 the YAML written as ``bioray.yaml``. Old key names still load, with a warning (:data:`RENAMED`).
+
+``--config`` takes a file or the name of a config shipped in the package (:func:`config_file`), and
+``${BIORAY_DATA}`` in a source's file paths stands for the data root (:func:`data_root`), where
+``bioray data fetch`` writes the public corpora.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -21,6 +26,46 @@ import yaml
 from bioray.config.schema import Config
 from bioray.config.validate import fail
 from bioray.errors import ConfigError
+
+# The recipes' YAML files, shipped inside the package (the top-level configs/ holds the same
+# files for a checkout; tests/test_commands.py keeps them identical).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA_ENV = "BIORAY_DATA"
+DATA_VAR = "${%s}" % DATA_ENV  # what source paths write to mean the data root
+
+
+def data_root() -> Path:
+    """Where the public corpora live: ``$BIORAY_DATA``, else ``$XDG_DATA_HOME/bioray``
+    (``~/.local/share/bioray`` without XDG_DATA_HOME).
+
+    ``bioray data fetch`` writes there and ``${BIORAY_DATA}`` in a source's file paths reads
+    from there, so a config written against ``BIORAY_DATA=../shared/data`` works unchanged
+    after a fetch into the default root.
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home).expanduser().resolve() / "bioray"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``quickstart``, ``ner-real``, ...)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """The YAML file ``--config`` means: a file that exists, else a packaged config of that name.
+
+    A bare name (``quickstart`` or ``quickstart.yaml``, no folder) that is not a file here
+    names a config shipped in the package, so ``--config quickstart`` works from any folder
+    after ``pip install``. Anything else is returned as given (reading it then fails naming it).
+    """
+    path = Path(name_or_path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    packaged = PACKAGED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return packaged if packaged.is_file() else path
 
 
 def type_name(tp: Any) -> str:
@@ -130,10 +175,17 @@ def _renamed(data: dict, prefix: str) -> dict:
 def from_dict(data: dict) -> Config:
     """Builds and validates a Config from a plain (possibly partial) dict.
 
+    ``${BIORAY_DATA}`` in a source's file paths becomes the data root (:func:`data_root`).
+
     Raises:
         ConfigError: naming the first unknown key, wrong type or bad value.
     """
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    if any(DATA_VAR in path for s in cfg.corpus.sources for path in s.files.values()):
+        root = str(data_root())
+        for s in cfg.corpus.sources:
+            s.files = {split: path.replace(DATA_VAR, root) for split, path in s.files.items()}
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -184,7 +236,9 @@ def read_yaml(path: str | Path) -> dict:
     """Reads a YAML config file into a raw dict, with file:line on syntax errors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        bare = path.parent == Path(".")
+        also = f" (nor a packaged config: {', '.join(packaged_configs())})" if bare else ""
+        raise ConfigError(f"{path}: config file not found{also}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -204,13 +258,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     """Builds the config from defaults, a YAML file and ``--set`` overrides.
 
     Args:
-        path: YAML file; None = no file (defaults only).
+        path: YAML file, or the name of a packaged config (:func:`config_file`); None = no
+            file (defaults only).
         overrides: ``KEY=VALUE`` strings, applied in order.
 
     Raises:
         ConfigError: on any unknown key, wrong type or invalid value.
     """
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(config_file(path)) if path is not None else {}
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(data)

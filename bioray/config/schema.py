@@ -39,7 +39,8 @@ class SourceConfig:
     task: str = "ner"
     """ner | re | nli | cls | qa: decides the answer parser and the metric."""
     files: dict[str, str] = field(default_factory=dict)
-    """Split name (train/validation/test) -> file path (relative to the working directory)."""
+    """Split name (train/validation/test) -> file path (relative to the working directory); `${BIORAY_DATA}`
+    stands for the data root (`bioray data fetch` writes there; default ~/.local/share/bioray)."""
     entity: Optional[str] = None
     """iob only: what the instruction asks the model to tag (e.g. disease)."""
     typed: bool = False

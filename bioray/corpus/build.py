@@ -32,7 +32,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from bioray.config import Config, SourceConfig
+from bioray.config import DATA_ENV, Config, SourceConfig, data_root
 from bioray.corpus import sources
 from bioray.corpus.read import LIGHT_CPUS, MANIFEST, SCHEMA, read_manifest
 from bioray.corpus.templates import NLI_LABELS, draw, instruction_set
@@ -111,11 +111,15 @@ def content_hash(cfg: Config) -> str:
 
 
 def _check_files(cfg: Config) -> None:
+    root = data_root()
     for i, s in enumerate(cfg.corpus.sources):
         for split, path in s.files.items():
             if not Path(path).exists():
+                # A path under the data root is most likely a public corpus not fetched yet.
+                hint = f" (under {DATA_ENV}={root}: `bioray data fetch NAME` downloads the public corpora there)" \
+                    if Path(path).resolve().is_relative_to(root) else ""
                 raise DataError(f"config key 'corpus.sources[{i}].files.{split}': "
-                                f"file not found: {path}")
+                                f"file not found: {path}{hint}")
 
 
 def _plan(cfg: Config) -> list[_Chunk]:
