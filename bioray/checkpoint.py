@@ -12,6 +12,7 @@ loadable by peft alone); a full fine-tune's holds the whole model (``config.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,6 +36,47 @@ NOT_TRAINING_KEYS = ("run.dir", "run.storage", "run.name", "run.resume", "run.qu
                      "data.tokenise_batch_size", "data.tokenise_tasks", "data.tokenise_cpus", "corpus.shard_mib",
                      "train.max_failures", "train.keep_checkpoints", "train.report_every", "train.cpus_per_worker",
                      "eval", "tune")
+
+
+def checksums_file(rank: int) -> str:
+    """The ``sha256sum``-format list of the files rank ``rank`` wrote into a checkpoint."""
+    return f"checksums-rank{rank:03d}.sha256"
+
+
+def write_checksums(directory: str | Path, rank: int) -> None:
+    """Lists every file in ``directory`` with its sha256 (each rank writes its own part of a checkpoint)."""
+    d = Path(directory)
+    lines = [f"{_sha256(p)}  {p.relative_to(d).as_posix()}\n" for p in sorted(d.rglob("*"))
+             if p.is_file() and not p.name.startswith("checksums-rank")]
+    (d / checksums_file(rank)).write_text("".join(lines), encoding="utf-8")
+
+
+def verify(directory: str | Path) -> None:
+    """Checks every file a checkpoint's checksum lists name: present, and the same bytes.
+
+    A checkpoint written before checksums existed has no lists and passes unchecked.
+
+    Raises:
+        CheckpointError: naming the first file that is missing or differs.
+    """
+    d = Path(directory)
+    for listing in sorted(d.glob("checksums-rank*.sha256")):
+        for line in listing.read_text(encoding="utf-8").splitlines():
+            digest, _, name = line.partition("  ")
+            path = d / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing from the checkpoint (listed in {listing.name})")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted or was changed after "
+                                      f"the checkpoint was written")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def rng_file(rank: int) -> str:

@@ -19,7 +19,8 @@ import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from bioray.checkpoint import ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, checkpoint_base, is_full
+from bioray.checkpoint import (ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, checkpoint_base, is_full,
+                               verify)
 from bioray.errors import OutputError
 from bioray.storage import is_uri, local_copy
 
@@ -62,7 +63,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
 
 def _export(ckpt: Path, dest: Path, merge: bool, expected_base: str | None) -> None:
     """Writes the export of a local checkpoint folder into a temporary folder, then renames it to ``dest``."""
-    # Checks the folder is complete, and (given a base) that it was made for that base.
+    # Checks the files are the ones training wrote, the folder is complete, and (given a base)
+    # that it was made for that base.
+    verify(ckpt)
     base = checkpoint_base(ckpt) if expected_base is None else check_base(ckpt, expected_base)
     full = is_full(ckpt)
 

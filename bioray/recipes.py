@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, first_difference
+from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, first_difference, verify
 from bioray.config import Config, dump, to_dict
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
@@ -221,6 +221,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     # A folder, or a URI on run.storage: checked here, read by each scorer where it runs.
     where = checkpoint if is_uri(checkpoint) else str(Path(checkpoint).resolve())
     with local_copy(where) as ckpt:
+        verify(ckpt)
         base = check_base(ckpt, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
     check_base_exists(where, base)
     corpus_dir = prepare(cfg)

@@ -53,18 +53,21 @@ def full_uri(path: str, storage: str | None) -> str:
     return str(Path(path).resolve())
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest ``step-NNNNNN`` folder under ``<root>/checkpoints`` (a URI or path), or None."""
+def checkpoints(root: str) -> list[str]:
+    """The ``step-NNNNNN`` folders under ``<root>/checkpoints`` (a URI or path), newest first."""
     import pyarrow.fs as pafs
 
     fs, base = filesystem(root)
     selector = pafs.FileSelector(f"{base}/{CHECKPOINTS}", allow_not_found=True)
-    steps = [(int(m.group(1)), info.path) for info in fs.get_file_info(selector)
-             if info.type == pafs.FileType.Directory and (m := _STEP_DIR.match(info.base_name))]
-    if not steps:
-        return None
-    path = max(steps)[1]
-    return full_uri(path, root) if is_uri(root) else path
+    steps = sorted(((int(m.group(1)), info.path) for info in fs.get_file_info(selector)
+                    if info.type == pafs.FileType.Directory and (m := _STEP_DIR.match(info.base_name))), reverse=True)
+    return [full_uri(path, root) if is_uri(root) else path for _, path in steps]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest ``step-NNNNNN`` folder under ``<root>/checkpoints``, or None."""
+    found = checkpoints(root)
+    return found[0] if found else None
 
 
 def read_text(uri_or_path: str) -> str:

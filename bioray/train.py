@@ -18,7 +18,9 @@ import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
-from bioray.checkpoint import CONFIG_FILE, DEEPSPEED_TAG, RESUME_DIR, STATE_FILE, rng_file, step_dir_name
+from bioray._version import __version__
+from bioray.checkpoint import (CONFIG_FILE, DEEPSPEED_TAG, RESUME_DIR, STATE_FILE, rng_file, step_dir_name, verify,
+                               write_checksums)
 from bioray.errors import CheckpointError
 from bioray.storage import CHECKPOINTS, run_root
 from bioray.config import Config, dump, from_dict, to_dict
@@ -80,7 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = _trainable_model(cfg, base_path, torch.bfloat16 if t.use_gpu else torch.float32)
     checkpoint = ray.train.get_checkpoint()
     opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
-    resume_dir = Path(opened.enter_context(checkpoint.as_directory())) if checkpoint else None
+    resume_dir = _verified_checkpoint(checkpoint, cfg, opened) if checkpoint else None
     state = _load_weights(model, resume_dir, cfg) if resume_dir else {}
     start_step = state.get("step", 0)
 
@@ -194,6 +196,34 @@ def _trainable_model(cfg: Config, base_path: str, dtype):
     return model if cfg.train.full_finetune else add_lora(model, cfg)
 
 
+def _verified_checkpoint(checkpoint, cfg: Config, opened: ExitStack) -> Path:
+    """The folder to resume from: Ray Train's latest checkpoint if its files verify, else the newest
+    earlier one of the run that does (a corrupted or half-copied checkpoint costs some steps, not the run).
+
+    Raises:
+        CheckpointError: no checkpoint of the run verifies.
+    """
+    from bioray.storage import checkpoints, local_copy
+
+    latest = Path(opened.enter_context(checkpoint.as_directory()))
+    try:
+        verify(latest)
+        return latest
+    except CheckpointError as e:
+        bad = e
+    for older in checkpoints(run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)):
+        if int(Path(older).name[len("step-"):]) >= int(latest.name[len("step-"):] or 0):
+            continue
+        folder = opened.enter_context(local_copy(older))
+        try:
+            verify(folder)
+        except CheckpointError:
+            continue
+        log.warning("%s; resuming from %s instead, the newest checkpoint that verifies", bad, older)
+        return folder
+    raise bad
+
+
 def _load_weights(model, directory: Path, cfg: Config) -> dict:
     """Loads the adapter (or full) weights of a checkpoint strictly; returns its trainer state.
 
@@ -293,7 +323,10 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
             # micro_batches: the data position, each rank's micro-batches trained on so far.
             Path(tmp, STATE_FILE).write_text(json.dumps({
                 "step": metrics["step"], "first_loss": metrics["first_loss"], "base_model": base_path,
-                "micro_batches": metrics["step"] * cfg.train.grad_accum, "world_size": cfg.train.num_workers}))
+                "micro_batches": metrics["step"] * cfg.train.grad_accum, "world_size": cfg.train.num_workers,
+                "bioray_version": __version__}))
+        # Last: what this rank wrote, with its sha256, verified by resume, evaluate and export.
+        write_checksums(tmp, rank)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=step_dir_name(metrics["step"]),
                          validation=ValidationTaskConfig(fn_kwargs={"step": metrics["step"]}) if validate else False)

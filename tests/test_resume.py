@@ -123,7 +123,7 @@ def test_a_rerun_with_other_training_keys_exits_2_and_fresh_starts_over(undistur
 
     run_dir = tmp_path / "run"
     shutil.copytree(undisturbed, run_dir)
-    proc = run_job("jobs/finetune.py", *_args(run_dir, cache_dir, "train.lr=1e-3"))
+    proc = run_job("jobs/finetune.py", *_args(run_dir, cache_dir, "train.lr=3e-4"))
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "config key 'train.lr'" in line and "--fresh" in line
@@ -133,3 +133,27 @@ def test_a_rerun_with_other_training_keys_exits_2_and_fresh_starts_over(undistur
     proc = run_job("jobs/finetune.py", *_args(run_dir, cache_dir, "eval.max_examples=4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "result.json").read_text())["train"]["steps"] == STEPS
+
+
+def test_a_corrupted_checkpoint_is_refused_and_resume_falls_back(undisturbed, tmp_path, cache_dir):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(undisturbed, run_dir)
+    latest = run_dir / "checkpoints" / f"step-{STEPS:06d}"
+    weights = latest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # cut short, as an interrupted copy leaves it
+    for job, extra in (("jobs/export.py", ["--checkpoint", latest, "--out", tmp_path / "out"]),
+                       ("jobs/evaluate.py", ["--checkpoint", latest, "--set", f"run.dir={tmp_path / 'eval'}"])):
+        proc = run_job(job, *extra)
+        assert proc.returncode == 2, (job, proc.stderr[-3000:])
+        (line,) = proc.stderr.strip().splitlines()
+        assert f"{weights}: checksum mismatch" in line
+    assert not (tmp_path / "out").exists()
+    # Resuming the run from it falls back to step 30, trains the last 10 steps again, and ends where
+    # the undisturbed run did.
+    proc = run_job("jobs/finetune.py", *_args(run_dir, cache_dir))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "the newest checkpoint that verifies" in proc.stdout
+    a, b = _adapter(run_dir, STEPS), _adapter(undisturbed, STEPS)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

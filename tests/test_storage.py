@@ -109,3 +109,23 @@ def test_latest_checkpoint_move_aside_and_download_on_s3(s3, tmp_path):
     moved = move_aside(root)
     assert latest_checkpoint(root) is None and moved.startswith(f"{s3}/prefix/r1/checkpoints.replaced-")
     assert read_text(f"{moved}/step-000010/bioray.yaml") == "step: 10\n"
+
+
+def test_checksums_catch_a_changed_or_missing_file(tmp_path):
+    from bioray.checkpoint import verify, write_checksums
+    from bioray.errors import CheckpointError
+
+    ckpt = tmp_path / "step-000010"
+    (ckpt / "resume").mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    (ckpt / "resume" / "rng-rank001.safetensors").write_bytes(b"rng")
+    write_checksums(ckpt, 0)
+    verify(ckpt)
+    data = (ckpt / "adapter_model.safetensors").read_bytes()
+    (ckpt / "adapter_model.safetensors").write_bytes(data[:-10])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: checksum mismatch"):
+        verify(ckpt)
+    (ckpt / "adapter_model.safetensors").write_bytes(data)
+    (ckpt / "resume" / "rng-rank001.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"rng-rank001.safetensors: missing"):
+        verify(ckpt)
