@@ -262,7 +262,8 @@ def write_outputs(cfg: Config, rows: list[dict], tune_dir: Path) -> dict:
            "errors": sum(r["state"] == "error" for r in rows), "best": None}
     if scored:
         best = max(scored, key=lambda r: (r["state"] == "completed", r["score"]))
-        best_cfg = load(Path(best["dir"]) / CONFIG_FILE, [f"run.dir={Path(cfg.run.dir) / 'best'}"])
+        # A run of its own: its own folder, and (on run.storage) its own name, not the trial's.
+        best_cfg = load(Path(best["dir"]) / CONFIG_FILE, [f"run.dir={Path(cfg.run.dir) / 'best'}", "run.name=null"])
         write_text(tune_dir / "best.yaml", dump(best_cfg))
         out["best"] = {k: best[k] for k in best if k != "dir"} | {"dir": best["dir"],
                                                                   "config": str(tune_dir / "best.yaml")}

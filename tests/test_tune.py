@@ -55,13 +55,16 @@ def search(tmp_path_factory, cache_dir):
     assert finished, "no trial finished before the search was stopped"
     os.killpg(first.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
     first.wait(timeout=60)
+    # Trials cut off mid-way that had made a checkpoint: they must go on from it, not from step 0.
+    cut = {p.parent.parent.name for p in (run_dir / "tune" / "trials").glob("*/checkpoints/step-*/trainer_state.json")
+           if not (p.parent.parent.parent / "result.json").exists()}
     resumed = run_job(*_args(run_dir, cache_dir), timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    return run_dir, finished, resumed
+    return run_dir, finished, resumed, cut
 
 
 def test_every_trial_ends_with_its_sample_and_a_point_on_the_simplex(search):
-    run_dir, _, resumed = search
+    run_dir, _, resumed, _ = search
     rows = _trials(run_dir)
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     for r in rows:
@@ -76,7 +79,7 @@ def test_every_trial_ends_with_its_sample_and_a_point_on_the_simplex(search):
 
 
 def test_the_scheduler_sees_task_scores_during_training(search):
-    run_dir, _, _ = search
+    run_dir, _, _, _ = search
     # Tune's own per-trial results: the training reports forwarded with the newest checkpoint score.
     seen = []
     for result in (run_dir / "tune" / "experiment").glob("*/result.json"):
@@ -96,8 +99,10 @@ def test_the_scheduler_sees_task_scores_during_training(search):
 
 
 def test_a_killed_search_resumes_without_rerunning_finished_trials(search, cache_dir):
-    run_dir, finished, resumed = search
+    run_dir, finished, resumed, cut = search
     assert "resuming the search" in resumed.stdout + resumed.stderr
+    if cut:  # a trial killed after a checkpoint continued from it
+        assert "resumed at step" in resumed.stdout, cut
     for path, mtime in finished.items():
         assert path.stat().st_mtime == mtime, f"{path.parent.name} ran again"
     again = run_job(*_args(run_dir, cache_dir), timeout=600)
@@ -106,7 +111,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(search, cache
 
 
 def test_best_yaml_reruns_the_best_trial(search, cache_dir):
-    run_dir, _, _ = search
+    run_dir, _, _, _ = search
     out = json.loads((run_dir / "tune" / "result.json").read_text())
     best = out["best"]
     cfg = load(run_dir / "tune" / "best.yaml")
