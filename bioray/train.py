@@ -105,6 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             tokenizer.pad_token_id, cfg.data.packing, skip=start_step * t.grad_accum)
     meter = _Meter(start_step, state.get("first_loss"))
     for step in range(start_step, t.max_steps):
+        meter.begin_step()
         for _ in range(t.grad_accum):
             batch, real_tokens = next(batches)
             loss = engine(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
@@ -142,19 +143,30 @@ class _Meter:
         self._reset()
 
     def _reset(self) -> None:
-        self.step_losses: list[float] = []  # this rank's mean loss of each step since the last report
+        # This rank's loss, real tokens and seconds of each step since the last report.
+        self.step_losses: list[float] = []
+        self.step_tokens: list[int] = []
+        self.step_seconds: list[float] = []
         self.loss, self.n, self.tokens, self.start = 0.0, 0, 0, time.time()
-        self._step_loss, self._step_n = 0.0, 0
+        self._step_loss, self._step_n, self._step_tokens, self._step_start = 0.0, 0, 0, time.time()
+
+    def begin_step(self) -> None:
+        """Starts an optimizer step's clock (its data loading counts, the previous report does not)."""
+        self._step_start = time.time()
 
     def add(self, loss: float, tokens: int) -> None:
         """One micro-batch's loss and real tokens."""
         self.loss, self.n, self.tokens = self.loss + loss, self.n + 1, self.tokens + tokens
-        self._step_loss, self._step_n = self._step_loss + loss, self._step_n + 1
+        self._step_loss, self._step_n, self._step_tokens = self._step_loss + loss, self._step_n + 1, \
+            self._step_tokens + tokens
 
     def end_step(self) -> None:
         """Closes an optimizer step (``train.grad_accum`` micro-batches)."""
+        now = time.time()
         self.step_losses.append(self._step_loss / max(self._step_n, 1))
-        self._step_loss, self._step_n = 0.0, 0
+        self.step_tokens.append(self._step_tokens)
+        self.step_seconds.append(now - self._step_start)
+        self._step_loss, self._step_n, self._step_tokens = 0.0, 0, 0
 
     def seconds_per_step(self) -> float:
         """Over this worker's run so far (since its start or resume)."""
@@ -163,22 +175,32 @@ class _Meter:
     def report(self, step: int, lr: float) -> dict:
         """The run's metrics at ``step``: all-reduces, so every rank must call it.
 
-        ``step_losses`` holds the mean loss of every step since the last report, over all ranks:
-        what a resumed run is compared by, step for step.
+        Besides the window's means, three lists speak for every step since the last report, over
+        all ranks: ``step_losses`` (mean loss; what a resumed run is compared by, step for step),
+        ``step_tokens`` (real tokens, summed) and ``step_seconds`` (the slowest rank's wall time,
+        the time the step took the run). The time between reports includes the report itself;
+        the per-step lists do not (benchmarks/train_throughput.py reads them).
         """
         import torch
         import torch.distributed as dist
 
-        stats = torch.tensor([self.loss, self.n, self.tokens, *self.step_losses], dtype=torch.float64)
-        dist.all_reduce(stats)
-        loss, n, tokens, *step_sums = stats.tolist()
+        k = len(self.step_losses)
+        sums = torch.tensor([self.loss, self.n, self.tokens, *self.step_losses, *self.step_tokens],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
+        slowest = torch.tensor(self.step_seconds, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        loss, n, tokens = sums[:3].tolist()
         mean = loss / max(n, 1)
         self.first_loss = mean if self.first_loss is None else self.first_loss
         self.run_tokens += tokens
         self.step = step
         now = time.time()
+        world = dist.get_world_size()
         metrics = {"step": step, "loss": mean, "first_loss": self.first_loss, "lr": lr,
-                   "step_losses": [v / dist.get_world_size() for v in step_sums],
+                   "step_losses": [v / world for v in sums[3:3 + k].tolist()],
+                   "step_tokens": [int(v) for v in sums[3 + k:].tolist()],
+                   "step_seconds": slowest.tolist(),
                    "tokens_per_s": tokens / max(now - self.start, 1e-9),
                    "run_tokens_per_s": self.run_tokens / max(now - self.run_start, 1e-9)}
         self._reset()
