@@ -74,8 +74,9 @@ def load_base(path: str, cfg: Config, dtype: torch.dtype = torch.float32):
     """Loads a causal LM from safetensors only (no pickle) on CPU."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True
+        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True, **extra
     )
 
 

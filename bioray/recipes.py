@@ -19,6 +19,7 @@ from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, first_
 from bioray.config import Config, dump, to_dict
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
+from bioray.optim import optimizer_class
 from bioray.storage import full_uri, is_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
 
 log = logging.getLogger("bioray")
@@ -101,8 +102,12 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
-    check_resume(cfg)
+    optimizer_class(cfg.train.optimizer)  # a name torch does not know fails here, not in every worker
     train_ds, plan = training_dataset(cfg, stages.cache_dir)
+    if cfg.train.epochs is not None:
+        train_ds = train_ds.materialize()
+        cfg = with_steps_for_epochs(cfg, train_ds.count())
+    check_resume(cfg)
     # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
     metrics_log = start_metrics_log(run_dir)
     scoring = {"pool": pool, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))}
@@ -150,6 +155,22 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     if not tune_reports:
         print(table)
     return out
+
+
+def with_steps_for_epochs(cfg: Config, rows: int) -> Config:
+    """``cfg`` with ``train.max_steps`` worked out from ``train.epochs`` and the packed epoch's rows.
+
+    Each rank gets ``rows // num_workers`` rows (equal shards), read in micro-batches of
+    ``train.micro_batch_size``; an optimizer step takes ``train.grad_accum`` of them.
+    """
+    import math
+    from dataclasses import replace
+
+    t = cfg.train
+    per_rank = math.ceil((rows // t.num_workers) / t.micro_batch_size)
+    steps = max(1, math.ceil(t.epochs * per_rank / t.grad_accum))
+    log.info("train.epochs %g: %d micro-batches per rank per epoch, %d optimizer steps", t.epochs, per_rank, steps)
+    return replace(cfg, train=replace(t, max_steps=steps))
 
 
 def check_resume(cfg: Config) -> str | None:

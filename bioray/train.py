@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
@@ -45,12 +46,21 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.use_gpu},
+        "bf16": {"enabled": precision(cfg) == "bf16"},
+        # fp16 needs loss scaling (DeepSpeed's dynamic scaler); bf16 and fp32 do not.
+        "fp16": {"enabled": precision(cfg) == "fp16"},
         # Our optimizer is torch's AdamW (or DeepSpeedCPUAdam with offload); allow it under ZeRO.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+
+
+def precision(cfg: Config) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 on GPU, fp32 on CPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if cfg.train.use_gpu else "fp32"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -68,7 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from bioray._ray import quiet_train_report_lines
     from bioray.data import micro_batches
     from bioray.model import load_tokenizer
-    from bioray.optim import adamw, lr_schedule
+    from bioray.optim import lr_schedule, optimizer
 
     quiet_train_report_lines()
     rank = ray.train.get_context().get_world_rank()
@@ -79,7 +89,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # The model, and where the latest checkpoint (if any) says training stopped.
     tokenizer = load_tokenizer(base_path, cfg)
-    model = _trainable_model(cfg, base_path, torch.bfloat16 if t.use_gpu else torch.float32)
+    model = _trainable_model(cfg, base_path, {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                              "fp32": torch.float32}[precision(cfg)])
     checkpoint = ray.train.get_checkpoint()
     opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
     resume_dir = _verified_checkpoint(checkpoint, cfg, opened) if checkpoint else None
@@ -88,9 +99,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # The engine: DeepSpeed around the model, its optimizer and the LR schedule; on resume also the
     # optimizer moments, the schedule's position and this rank's random state.
-    optimizer = adamw((p for p in model.parameters() if p.requires_grad), t.lr, t.weight_decay, t.offload)
+    opt = optimizer((p for p in model.parameters() if p.requires_grad), t.optimizer, t.lr, t.weight_decay, t.offload)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, t.warmup_steps, t.max_steps, start_step),
+        model=model, optimizer=opt, lr_scheduler=lr_schedule(opt, t.warmup_steps, t.max_steps, start_step, t.lr_scheduler),
         config=deepspeed_config(cfg), dist_init_required=False,  # Ray Train already set up the process group
     )
     if resume_dir:
@@ -104,6 +115,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = micro_batches(ray.train.get_dataset_shard(shard_name(rank)), t.micro_batch_size,
                             tokenizer.pad_token_id, cfg.data.packing, skip=start_step * t.grad_accum)
     meter = _Meter(start_step, state.get("first_loss"))
+    bar = None
+    if rank == 0 and loop_config.get("progress_bar"):
+        # Ray's tqdm: the worker sends updates, the driver draws one bar (stdout is a terminal there).
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=start_step, desc="train", unit="step")
     for step in range(start_step, t.max_steps):
         meter.begin_step()
         for _ in range(t.grad_accum):
@@ -113,12 +130,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.step()  # DeepSpeed steps the optimizer and the schedule at accumulation boundaries
             meter.add(loss.item(), real_tokens)
         meter.end_step()
+        if bar is not None:
+            bar.update(1)
         done = step + 1
         is_ckpt = done == t.max_steps or (t.checkpoint_every and done % t.checkpoint_every == 0)
         if not (is_ckpt or done % t.report_every == 0):
             continue
         metrics = meter.report(done, scheduler.get_last_lr()[0])  # a collective: every rank calls it
-        if rank == 0 and not cfg.run.quiet:
+        if bar is not None:
+            bar.set_description(f"train loss {metrics['loss']:.4f}")
+        elif rank == 0 and not cfg.run.quiet:
             eta = meter.seconds_per_step() * (t.max_steps - done)
             log.info("train step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", done, t.max_steps,
                      metrics["loss"], metrics["lr"], metrics["tokens_per_s"], eta)
@@ -423,7 +444,9 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
         )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "validate": scored},
+        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "validate": scored,
+                           # A bar where the driver has a terminal to draw it on; log lines elsewhere.
+                           "progress_bar": sys.stdout.isatty() and not cfg.run.quiet and not tune_reports},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=run_config,

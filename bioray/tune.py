@@ -179,6 +179,9 @@ def search(cfg: Config) -> dict:
 
     from bioray.evaluate.pool import start_pool, stop_pool
 
+    if cfg.train.epochs is not None:
+        raise ConfigError("config key 'train.epochs': a search budgets its trials in steps (ASHA's rungs), and "
+                          "each trial's mixture makes its own epoch; set train.max_steps instead")
     run_dir = Path(cfg.run.dir).resolve()
     tune_dir = run_dir / "tune"
     write_text(run_dir / CONFIG_FILE, dump(cfg))

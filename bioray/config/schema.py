@@ -97,6 +97,8 @@ class ModelSection:
     """Passed to from_pretrained; off unless you trust the model's code."""
     tiny: TinyModelSection = field(default_factory=TinyModelSection)
     """Shape and pretraining of the `tiny` base."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel for from_pretrained: sdpa, eager, flash_attention_2, flex_attention; null = transformers' choice."""
 
 
 @dataclass
@@ -126,9 +128,17 @@ class TrainSection:
     cpus_per_worker: float = 0.5
     """Logical CPUs reserved per worker; fractions leave room for Ray Data and scorers."""
     max_steps: int = 200
-    """Optimizer steps per worker."""
+    """Optimizer steps per worker (unless train.epochs is set)."""
+    epochs: Optional[float] = None
+    """Passes over the mixed, packed epoch instead of max_steps: steps = ceil(epochs x micro-batches per rank per epoch / grad_accum); null = train.max_steps."""
     lr: float = 2.0e-4
     """Peak learning rate (linear warmup, cosine decay to 10%)."""
+    lr_scheduler: str = "cosine_floor"
+    """cosine_floor (bioray's: warmup from 1/warmup_steps of the peak, cosine to 10%) or a transformers scheduler: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr (to 10%)."""
+    optimizer: str = "AdamW"
+    """A torch.optim optimizer by class name (AdamW, Adam, SGD, RMSprop, ...); with train.offload, DeepSpeed's CPU Adam."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU only, loss-scaled by DeepSpeed) | fp32."""
     warmup_steps: int = 10
     """Linear warmup steps."""
     weight_decay: float = 0.0

@@ -24,6 +24,11 @@ TASKS = ("ner", "re", "nli", "cls", "qa")
 SPLITS = ("train", "validation", "test")
 # Which task each structured format produces; `instructions` carries its own.
 FORMAT_TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls"}
+# bioray's own schedule, then the transformers schedulers that need no argument beyond the steps
+# (tests/test_config.py checks every name is transformers' own).
+LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
 # A search builds these once, from the base config, before any trial starts (bioray.tune.search);
 # a trial's own value for them would be silently ignored, so tune.space refuses them.
@@ -137,6 +142,16 @@ def validate_train(t: TrainSection) -> None:
         fail("train.checkpoint_every", "an integer >= 0", t.checkpoint_every)
     if t.max_failures < -1:
         fail("train.max_failures", "an integer >= 0, or -1 for no limit", t.max_failures)
+    if t.epochs is not None and not (t.epochs > 0 and math.isfinite(t.epochs)):
+        fail("train.epochs", "a positive number of epochs, or null", t.epochs)
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        fail("train.lr_scheduler", " | ".join(LR_SCHEDULERS), t.lr_scheduler)
+    if not t.optimizer.isidentifier():
+        fail("train.optimizer", "a torch.optim class name such as AdamW", t.optimizer)
+    if t.precision not in PRECISIONS:
+        fail("train.precision", " | ".join(PRECISIONS), t.precision)
+    if t.precision == "fp16" and not t.use_gpu:
+        fail("train.precision", "bf16, fp32 or auto on CPU (fp16 needs train.use_gpu: true)", t.precision)
 
 
 def validate_lora(lora: LoraSection) -> None:
