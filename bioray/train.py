@@ -254,8 +254,10 @@ def _verified_checkpoint(checkpoint, cfg: Config, opened: ExitStack) -> Path:
         return latest
     except CheckpointError as e:
         bad = e
+    # Its own name, not the local copy's (a download from object storage lands in a temporary folder).
+    reported = Path(checkpoint.path).name
     for older in checkpoints(run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)):
-        if int(Path(older).name[len("step-"):]) >= int(latest.name[len("step-"):] or 0):
+        if Path(older).name >= reported:  # step-NNNNNN names sort as their steps do
             continue
         folder = opened.enter_context(local_copy(older))
         try:
