@@ -378,6 +378,9 @@ def _summary(spec: dict, runs: dict, args, wall: float, loads: list) -> dict:
             "bioray": "ray.init(num_cpus=2); bioray.data.training_dataset (mix, shuffle, first-fit-decreasing "
                       "packing into 256-token rows, position_ids restarting per example, no attention mask); "
                       "bioray.train.fit: TorchTrainer, 2 workers x 1 CPU, gloo, peft LoRA, deepspeed.initialize; "
+                      "logits computed only at positions whose next token is an answer token (boolean "
+                      "logits_to_keep + shift_labels: the same loss and gradients; the reference computes the "
+                      "logits of every position, as the Trainer does by default); "
                       "report_every beyond the run, one checkpoint at the end, no validation; per-step tokens and "
                       "seconds from the final report's step_tokens/step_seconds",
             "bioray_unpacked": "as bioray with data.packing false: one example per row, padded to the longest in "
