@@ -40,12 +40,12 @@ FOLDERS = {"ncbi_disease": ("NCBI-disease", "disease"), "bc5cdr_chem": ("BC5CDR-
            "bc5cdr_disease": ("BC5CDR-disease", "disease")}
 
 
-def _config(work: Path, cpus: float):
+def _config(work: Path, cpus: float, parts: tuple[str, ...] = ("train", "devel")):
     from bioray.config import from_dict
 
     sources = []
     for name, (folder, entity) in FOLDERS.items():
-        for part in ("train", "devel"):
+        for part in parts:
             # Devel files enter as the train split of their own source: tokenise() reads train.
             sources.append({"name": f"{name}_{part}", "format": "iob", "task": "ner", "entity": entity,
                             "files": {"train": str(DATA / folder / f"{part}.tsv")}})
@@ -53,11 +53,11 @@ def _config(work: Path, cpus: float):
                       "data": {"max_seq_len": 4096, "cache_dir": str(work / "cache"), "tokenise_cpus": cpus}})
 
 
-def _tokenizer(cfg, corpus_dir: Path, out: Path) -> str:
+def _tokenizer(cfg, corpus_dir: Path, out: Path, vocab_size: int = 8192) -> str:
     from bioray.model import _corpus_texts, _train_tokenizer
     from bioray.corpus import read_manifest
 
-    tok = _train_tokenizer(_corpus_texts(cfg, corpus_dir, read_manifest(corpus_dir)), 8192)
+    tok = _train_tokenizer(_corpus_texts(cfg, corpus_dir, read_manifest(corpus_dir)), vocab_size)
     tok.save_pretrained(out)
     return str(out)
 

@@ -349,13 +349,19 @@ def pack_examples(input_ids: Iterable, labels: Iterable, max_len: int, packing: 
     return {"input_ids": as_obj(ids), "labels": as_obj(lab), "position_ids": as_obj(pos)}
 
 
-def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
+def collate(rows: list[dict], pad_id: int, packing: bool, answer_logits: bool = False) -> dict:
     """Pads a micro-batch of rows into tensors the model takes.
 
     Packed rows get no attention mask: transformers builds the block-diagonal mask from
     ``position_ids`` restarting at 0 (``masking_utils.find_packed_sequence_indices``), which only
     works with ``use_cache=False``. Padding continues as its own 0.. sequence, after the real
     tokens, so causal attention never lets a real token see it.
+
+    With ``answer_logits``, the model projects onto the vocabulary only the positions whose next
+    token has a label (the answers): ``logits_to_keep`` as a boolean mask, and ``shift_labels``
+    their targets in the same order. The loss and its gradients are the same; the prompt's logits,
+    which the loss never reads, are not computed (the LM head is about a third of a tiny model's
+    arithmetic; see docs/benchmarks.md).
     """
     import torch
 
@@ -374,16 +380,21 @@ def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
     if not packing:
         batch["attention_mask"] = mask
+    if answer_logits:
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts t+1
+        keep = targets != IGNORE_INDEX
+        batch["logits_to_keep"], batch["shift_labels"] = keep, targets[keep]
     return batch
 
 
 def micro_batches(shard, micro_batch_size: int, pad_id: int, packing: bool,
-                  skip: int = 0) -> Iterator[tuple[dict, int]]:
+                  skip: int = 0, answer_logits: bool = False) -> Iterator[tuple[dict, int]]:
     """Endless ``(micro-batch, real token count)`` pairs from a worker's shard, epoch after epoch.
 
     Every epoch reads the shard in the same order, so a micro-batch's place in the stream is its
     data position: ``skip`` passes over the first ``skip`` micro-batches uncollated (a resumed
     run's, already trained on), and the next one is where the interrupted run would have gone on.
+    ``answer_logits``: see :func:`collate`.
     """
     while True:
         n = 0
@@ -394,7 +405,7 @@ def micro_batches(shard, micro_batch_size: int, pad_id: int, packing: bool,
                 continue
             rows = [{k: batch[k][i] for k in ("input_ids", "labels", "position_ids")}
                     for i in range(len(batch["input_ids"]))]
-            yield collate(rows, pad_id, packing), sum(len(r["input_ids"]) for r in rows)
+            yield collate(rows, pad_id, packing, answer_logits), sum(len(r["input_ids"]) for r in rows)
         if n == 0:
             raise DataError("this worker's training shard is empty: the corpus has fewer packed rows than workers")
         skip %= n  # whole epochs already trained on need not be read again

@@ -113,7 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # The loop: exactly max_steps optimizer steps, over as many epochs of this rank's shard as it
     # takes; a resumed run passes over the micro-batches it already trained on.
     batches = micro_batches(ray.train.get_dataset_shard(shard_name(rank)), t.micro_batch_size,
-                            tokenizer.pad_token_id, cfg.data.packing, skip=start_step * t.grad_accum)
+                            tokenizer.pad_token_id, cfg.data.packing, skip=start_step * t.grad_accum,
+                            answer_logits=_takes_logit_mask(model))
     meter = _Meter(start_step, state.get("first_loss"))
     bar = None
     if rank == 0 and loop_config.get("progress_bar"):
@@ -226,6 +227,23 @@ class _Meter:
                    "run_tokens_per_s": self.run_tokens / max(now - self.run_start, 1e-9)}
         self._reset()
         return metrics
+
+
+def _takes_logit_mask(model) -> bool:
+    """Whether the model computes logits only where told (a boolean ``logits_to_keep``, transformers 5).
+
+    Only transformers' own causal LMs: they slice the hidden states before the LM head and hand
+    ``shift_labels`` to their loss; remote code may take ``logits_to_keep`` as a count only.
+    """
+    import inspect
+
+    import transformers.modeling_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # slice_logits_to_keep: the helper that takes a boolean mask (absent where only counts work).
+    return hasattr(transformers.modeling_utils, "slice_logits_to_keep") and \
+        type(base).__module__.startswith("transformers.") and \
+        "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _trainable_model(cfg: Config, base_path: str, dtype):

@@ -152,6 +152,40 @@ def test_collate_pads_after_real_tokens_and_masks_labels():
     assert collate(rows, pad_id=0, packing=False)["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_answer_logits_give_the_same_loss_and_gradients(packing):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bioray.train import _takes_logit_mask
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    assert _takes_logit_mask(model)
+    rng = np.random.default_rng(0)
+    examples = [rng.integers(3, 97, n).astype(np.int32) for n in (20, 15, 30, 9)]
+    labels = [np.where(np.arange(len(e)) < len(e) // 2, IGNORE_INDEX, e).astype(np.int32) for e in examples]
+    packed = pack_examples(examples, labels, 48, packing=packing)
+    rows = [{k: packed[k][i] for k in packed} for i in range(len(packed["input_ids"]))]
+    results = []
+    for answer_logits in (False, True):
+        model.zero_grad()
+        batch = collate(rows, pad_id=0, packing=packing, answer_logits=answer_logits)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (full, full_grads), (answers, answer_grads) = results
+    assert answers == pytest.approx(full, abs=1e-6)
+    for a, b in zip(answer_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    # One logit per answer token: the one from the position before it (the prompt's last for the first).
+    keep = collate(rows, pad_id=0, packing=packing, answer_logits=True)["logits_to_keep"]
+    assert keep.sum() == sum(len(e) - len(e) // 2 for e in examples)
+
+
 def _cfg(**mixture):
     return from_dict({"mixture": mixture})
 
