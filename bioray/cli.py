@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bioray.config import Config, load, packaged_configs
-from bioray.errors import BiorayError, ConfigError
+from bioray.errors import BiorayError, ConfigError, UsageError
 from bioray.logs import OneLineProgress, setup_logging
 from bioray.redact import redact
 
@@ -30,9 +30,20 @@ AUTH_MODE = "RAY_AUTH_MODE"
 log = logging.getLogger("bioray")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the jobs' error contract: a bad command line is one line on stderr, exit 2.
+
+    Plain argparse prints its usage (several lines) and the error on ``sys.stderr``, which
+    :func:`main` has pointed at stdout by then; here the error becomes a :class:`UsageError`.
+    """
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (usage: {self.prog} --help)")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``, ``--fresh``."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     add_config_arguments(p)
     return p
 

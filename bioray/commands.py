@@ -161,7 +161,7 @@ def script(name: str) -> Callable[[], None]:
 
     @cli.main
     def main() -> None:
-        p = argparse.ArgumentParser(description=command.help)
+        p = cli.ArgumentParser(description=command.help)
         command.arguments(p)
         command.run(p.parse_args())
 
@@ -170,7 +170,7 @@ def script(name: str) -> Callable[[], None]:
 
 def parser() -> argparse.ArgumentParser:
     """The ``bioray`` command's parser: one subcommand per job, ``data fetch`` under ``data``."""
-    top = argparse.ArgumentParser(prog="bioray", description="Instruction-tune LLMs for biomedical NLP on Ray. "
+    top = cli.ArgumentParser(prog="bioray", description="Instruction-tune LLMs for biomedical NLP on Ray. "
                                   "Each command takes the arguments of its jobs/*.py script.")
     subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}

@@ -263,8 +263,8 @@ def _refuse_overlong(cfg: Config, corpus_dir: Path, data_dir: Path, meta: dict) 
     kept = set(_read_column(sorted(str(p) for p in data_dir.glob("*.parquet")), "id", name))
     first = min(set(_read_column(shard_paths(corpus_dir), "id", name, split="train")) - kept)
     raise DataError(f"record {first}: longer than data.max_seq_len={cfg.data.max_seq_len} tokens (data.overlong: "
-                    f"error; {sum(dropped.values())} records in all); raise data.max_seq_len or set "
-                    f"data.overlong: drop | truncate")
+                    f"error; overlong train records: {sum(dropped.values())}); raise data.max_seq_len, or set "
+                    f"data.overlong to drop or truncate")
 
 
 def _read_column(paths: list[str], column: str, source: str, split: str | None = None) -> list[str]:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 from bioray import tempdirs
-from bioray.checkpoint import ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, checkpoint_base, is_full
+from bioray.checkpoint import (ADAPTER_FILES, CONFIG_FILE, check_base, check_base_exists, check_revision,
+                               checkpoint_base, is_full)
 from bioray.config import Config, ModelSection
 from bioray.errors import ConfigError, OutputError
 from bioray.storage import is_uri, local_copy
@@ -105,17 +106,20 @@ def _export(ckpt: Path, tmp: Path, merge: bool, expected_base: str | None, model
 
 def _merge(ckpt: Path, base: str, out: Path, model_section: ModelSection) -> None:
     """Base + adapter -> one model, saved in the base's own dtype."""
-    import torch
-    from peft import PeftModel
-
-    from bioray.model import check_model_folder, load_base, load_tokenizer, local_model
+    from bioray.model import check_model_folder, local_model
 
     # The caller's loading settings; the checkpoint's bioray.yaml is copied, never obeyed.
     cfg = Config(model=model_section)
     check_base_exists(ckpt, base)
+    check_revision(ckpt, cfg.model.revision, "config key 'model.revision'")
     folder = local_model(base)
     if folder is not None:
         check_model_folder(folder, cfg, f"{ckpt}: its base model")
+    import torch
+    from peft import PeftModel
+
+    from bioray.model import load_base, load_tokenizer
+
     # Merge in fp32 (W + B @ A * scale, rounded once), then store in the dtype the base ships in.
     model = load_base(base, cfg, dtype=torch.float32)
     saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)

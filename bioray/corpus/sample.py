@@ -123,10 +123,12 @@ def check_sample_dir(directory: str | Path) -> bool:
     names = {p.name for p in directory.iterdir()}
     if not names:
         return False
-    if STAMP not in names or not names <= SAMPLE_FILES:
-        foreign = sorted(names - SAMPLE_FILES) or [STAMP + " missing"]
-        raise ConfigError(f"{key}: {directory} holds files bioray did not write ({', '.join(foreign[:3])}); "
-                          f"point corpus.sample_dir at a new folder (bioray replaces its sample folder whole)")
+    new = "point corpus.sample_dir at a new folder (bioray replaces its sample folder whole)"
+    foreign = sorted(names - SAMPLE_FILES)
+    if foreign:
+        raise ConfigError(f"{key}: {directory} holds files bioray did not write ({', '.join(foreign[:3])}); {new}")
+    if STAMP not in names:
+        raise ConfigError(f"{key}: {directory} is not a sample folder bioray wrote (no {STAMP} file); {new}")
     return (directory / STAMP).read_text() == SAMPLE_VERSION
 
 
