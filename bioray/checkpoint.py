@@ -13,11 +13,13 @@ loadable by peft alone); a full fine-tune's holds the whole model (``config.json
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
 import yaml
 
+from bioray._version import __version__
 from bioray.errors import CheckpointError
 
 CONFIG_FILE = "bioray.yaml"
@@ -107,6 +109,7 @@ def checkpoint_base(directory: str | Path) -> str:
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d}: checkpoint folder not found")
+    check_version(d)
     full = is_full(d)
     for name in (FULL_FILES if full else ADAPTER_FILES) + TOKENIZER_FILES + (CONFIG_FILE,):
         if not (d / name).is_file():
@@ -117,6 +120,53 @@ def checkpoint_base(directory: str | Path) -> str:
     if not base:
         raise CheckpointError(f"{d / 'adapter_config.json'}: no base_model_name_or_path in it")
     return base
+
+
+def check_version(directory: str | Path) -> None:
+    """Refuses a checkpoint written by a newer bioray than this one: its files may mean something else.
+
+    The version is ``bioray_version`` in ``trainer_state.json``; a checkpoint without it predates the
+    field and is read as before.
+
+    Raises:
+        CheckpointError: the checkpoint names a newer bioray version.
+    """
+    path = Path(directory) / STATE_FILE
+    made = _read_json(path).get("bioray_version")
+    if isinstance(made, str) and _version_key(made) > _version_key(__version__):
+        raise CheckpointError(f"{path}: written by bioray {made}, newer than this bioray {__version__}; "
+                              f"upgrade bioray to read it")
+
+
+def check_revision(directory: str | Path, revision: str | None, named_by: str) -> None:
+    """Checks that a checkpoint was trained on the hub revision of its base that the caller will load.
+
+    The revision is ``model.revision`` in the checkpoint's ``bioray.yaml`` (null: the hub's default
+    branch, whatever it held then); loading another one would score or merge the adapter on weights it
+    was not trained on.
+
+    Raises:
+        CheckpointError: the revisions differ, naming both.
+    """
+    data = _read_yaml(Path(directory) / CONFIG_FILE)
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    trained = model.get("revision")
+    if trained != revision:
+        raise CheckpointError(f"{Path(directory)}: trained on base revision {trained!r}, not {revision!r} "
+                              f"({named_by}); set model.revision={trained}" if trained else
+                              f"{Path(directory)}: trained on the base's default branch, not revision {revision!r} "
+                              f"({named_by}); set model.revision=null")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """``1.10.0rc1`` -> ``(1, 10, 0)``: the release numbers, compared as numbers."""
+    key = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        key.append(int(digits))
+    return tuple(key)
 
 
 def check_base(directory: str | Path, expected: str, named_by: str | None = None) -> str:
@@ -154,12 +204,16 @@ def check_base_exists(directory: str | Path, base: str) -> None:
 
 def trained_with(directory: str | Path) -> str | None:
     """``model.name_or_path`` as the checkpoint's ``bioray.yaml`` names it (None if it names none)."""
-    try:
-        data = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: not a readable bioray config") from None
-    model = data.get("model") if isinstance(data, dict) else None
+    model = _read_yaml(Path(directory) / CONFIG_FILE).get("model")
     return model.get("name_or_path") if isinstance(model, dict) else None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a readable bioray config") from None
+    return data if isinstance(data, dict) else {}
 
 
 def first_difference(saved: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:

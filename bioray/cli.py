@@ -10,23 +10,40 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from bioray.config import Config, load, packaged_configs
-from bioray.errors import BiorayError
+from bioray.errors import BiorayError, ConfigError, UsageError
 from bioray.logs import OneLineProgress, setup_logging
+from bioray.redact import redact
 
 # The folder bioray is imported from: a checkout, or site-packages after `pip install`.
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart"  # the packaged configs/quickstart.yaml (bioray/configs/ in the package)
+# Temporary folders that Ray workers make in the system's temp folder (a checkpoint being written, a
+# checkpoint downloaded from object storage); a killed run leaves them, the next job removes them.
+SYSTEM_TEMP_NAMES = ("bioray-ckpt", "bioray-download")
+AUTH_MODE = "RAY_AUTH_MODE"
 log = logging.getLogger("bioray")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the jobs' error contract: a bad command line is one line on stderr, exit 2.
+
+    Plain argparse prints its usage (several lines) and the error on ``sys.stderr``, which
+    :func:`main` has pointed at stdout by then; here the error becomes a :class:`UsageError`.
+    """
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (usage: {self.prog} --help)")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``, ``--fresh``."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     add_config_arguments(p)
     return p
 
@@ -50,16 +67,83 @@ def config_from(args: argparse.Namespace) -> Config:
     return load(args.config or DEFAULT_CONFIG, overrides)
 
 
-def start(args: argparse.Namespace) -> Config:
-    """What every job does first: the resolved config, logging, and Ray (joined or started)."""
+def start(args: argparse.Namespace, check: Optional[Callable[[Config], None]] = None) -> Config:
+    """What every job does first: the resolved config, logging, the job's input checks, and Ray.
+
+    Args:
+        args: The job's parsed arguments.
+        check: Checks every input the job will need (files, folders, checkpoints, storage) and raises
+            a BiorayError on the first bad one; it runs before Ray starts, so a typo costs a second.
+    """
     cfg = config_from(args)
     setup_logging(cfg.run.quiet)
+    check_auth_mode()
+    if check is not None:
+        check(cfg)
+    from bioray.tempdirs import clean_stale
+
+    for name in SYSTEM_TEMP_NAMES:
+        clean_stale(Path(tempfile.gettempdir()), name)
     init_ray(cfg)
     return cfg
 
 
+def check_auth_mode() -> None:
+    """Refuses to run with Ray's token authentication turned off.
+
+    Without it, anyone who reaches the cluster's ports can run code in it and read what it
+    holds (here: patient text, model weights). Ray 2.60 turns it on by default; ``RAY_AUTH_MODE``
+    set to anything but ``token`` turns it off, for clusters bioray starts and joins alike.
+
+    Raises:
+        ConfigError: naming the variable.
+    """
+    mode = os.environ.get(AUTH_MODE)
+    if mode is not None and mode.lower() != "token":
+        raise ConfigError(f"{AUTH_MODE}={mode}: bioray runs Ray with token authentication only; unset it "
+                          f"(or set {AUTH_MODE}=token)")
+
+
+def _token_file() -> Path:
+    """Where a local Ray reads its token (Ray's own default, unless RAY_AUTH_TOKEN_PATH names one)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def ensure_private_token() -> None:
+    """A token only its owner can read, before Ray starts a local cluster with it.
+
+    Ray writes ``~/.ray/auth_token`` with the default file mode (readable by every user of the
+    machine) when it generates one; bioray writes it first, mode 0600, and narrows an existing
+    one of the user's that others can read.
+    """
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = _token_file()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another job wrote it first
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
+        return
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o600)
+        log.info("%s was readable by other users; made it readable by its owner only", path)
+
+
 def init_ray(cfg: Config) -> None:
-    """Joins ``RAY_ADDRESS`` (or the job's cluster) if set, else starts a local Ray."""
+    """Joins ``RAY_ADDRESS`` (or the job's cluster) if set, else starts a local Ray with token authentication."""
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        # Token authentication on every cluster bioray starts (check_auth_mode refused any other
+        # mode), set before Ray reads its config: explicit, so Ray neither warns that it chose it
+        # nor follows a later default.
+        os.environ[AUTH_MODE] = "token"
+        ensure_private_token()
     import ray
 
     if ray.is_initialized():
@@ -75,7 +159,7 @@ def init_ray(cfg: Config) -> None:
         for var in ("RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
             env_vars[var] = "1"
             os.environ[var] = "1"
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(runtime_env=_without_job_keys(runtime_env), log_to_driver=not cfg.run.quiet,
                  configure_logging=False)
     else:
@@ -145,11 +229,11 @@ def main(fn: Callable[[], None]) -> Callable[[], None]:
         try:
             fn()
         except BiorayError as e:
-            print(f"bioray: error: {e}", file=real_stderr, flush=True)
+            # Secrets masked: a message may quote a library's error, which may quote the environment.
+            print(redact(f"bioray: error: {e}"), file=real_stderr, flush=True)
             sys.exit(2)
         except Exception:
-            traceback.print_exc(file=real_stderr)
-            real_stderr.flush()
+            print(redact(traceback.format_exc()), file=real_stderr, end="", flush=True)
             sys.exit(1)
 
     return wrapper

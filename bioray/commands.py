@@ -32,8 +32,15 @@ class Command:
     """The job, given the parsed arguments; bad input raises a BiorayError (exit 2)."""
 
 
+def _checks(job: str, **inputs: str | None) -> Callable:
+    """The job's input checks (``recipes.check_inputs``), run by ``cli.start`` before Ray starts."""
+    from bioray.recipes import check_inputs
+
+    return lambda cfg: check_inputs(cfg, job, **inputs)
+
+
 def _prepare(args: argparse.Namespace) -> None:
-    cfg = cli.start(args)
+    cfg = cli.start(args, check=_checks("prepare"))
     from bioray.corpus import read_manifest
     from bioray.recipes import prepare
 
@@ -46,7 +53,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    cfg = cli.start(args)
+    cfg = cli.start(args, check=_checks("finetune"))
     from bioray.recipes import finetune
 
     result = finetune(cfg)
@@ -62,7 +69,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    cfg = cli.start(args)
+    cfg = cli.start(args, check=_checks("evaluate", checkpoint=args.checkpoint, predictions=args.predictions))
     from bioray.recipes import evaluate_checkpoint, evaluate_predictions
 
     if args.checkpoint:
@@ -73,7 +80,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    cfg = cli.start(args)
+    cfg = cli.start(args, check=_checks("tune"))
     from bioray.tune import search
 
     out = search(cfg)
@@ -92,17 +99,22 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true",
                    help="merge LoRA into the base and save a plain Hugging Face model folder (no peft needed)")
     p.add_argument("--base", default=None,
-                   help="base model the checkpoint must have been trained on (hub id or folder); exit 2 if not")
+                   help="base model the checkpoint must have been trained on (hub id, folder, or tiny); exit 2 if not; "
+                        "--merge needs it (or --config)")
 
 
 def _export(args: argparse.Namespace) -> None:
-    # --config/--set only matter here for model.name_or_path: a config that names another base exits 2.
+    # --config/--set matter here for the model section only: a config that names another base exits 2,
+    # and model.trust_remote_code / allow_pickle / revision say how --merge may load the base.
     cfg = cli.config_from(args) if (args.config or args.overrides) else None
     setup_logging(args.quiet)
     from bioray.export import export_checkpoint
 
     expected = args.base or (cfg.model.name_or_path if cfg is not None else None)
-    out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, expected_base=expected)
+    # How a merge may load the base (trust_remote_code, allow_pickle, revision): this command's
+    # config, never the checkpoint's own bioray.yaml.
+    out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, expected_base=expected,
+                            model=cfg.model if cfg is not None else None)
     print(f"{'merged model' if args.merge else 'adapter'}: {out}")
 
 
@@ -149,7 +161,7 @@ def script(name: str) -> Callable[[], None]:
 
     @cli.main
     def main() -> None:
-        p = argparse.ArgumentParser(description=command.help)
+        p = cli.ArgumentParser(description=command.help)
         command.arguments(p)
         command.run(p.parse_args())
 
@@ -158,7 +170,7 @@ def script(name: str) -> Callable[[], None]:
 
 def parser() -> argparse.ArgumentParser:
     """The ``bioray`` command's parser: one subcommand per job, ``data fetch`` under ``data``."""
-    top = argparse.ArgumentParser(prog="bioray", description="Instruction-tune LLMs for biomedical NLP on Ray. "
+    top = cli.ArgumentParser(prog="bioray", description="Instruction-tune LLMs for biomedical NLP on Ray. "
                                   "Each command takes the arguments of its jobs/*.py script.")
     subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bioray import tempdirs
 from bioray.config import Config
 from bioray.corpus.read import LIGHT_CPUS
 from bioray.errors import ConfigError, DataError
@@ -35,6 +35,7 @@ log = logging.getLogger("bioray")
 
 TOKENISE_VERSION = "1"
 IGNORE_INDEX = -100  # labels value that the loss skips (transformers' convention)
+TMP_NAME = ".tokenise-tmp"  # a cache entry being written (bioray.tempdirs naming)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -105,9 +106,10 @@ class Tokenise:
             a = a + eos
             cut = False
             if len(p) + len(a) > self.max_len:
-                # Never cut the answer: drop the record, or cut the prompt's start (after BOS).
+                # Never cut the answer: drop the record, or cut the prompt's start (after BOS). With
+                # "error" it is dropped here and named by the driver (check_overlong).
                 room = self.max_len - len(a) - len(head)
-                if self.overlong == "drop" or room < 8:
+                if self.overlong != "truncate" or room < 8:
                     continue
                 p, cut = head + p[len(p) - room:], True
             keep.append(k)
@@ -174,12 +176,18 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     out = cache_root(cfg) / "tokenised" / key
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
+    meta = cached_meta(out)
+    if meta is not None:
         log.info("tokenised cache hit: %s (%d records, nothing tokenised)", out, meta["records"])
+        check_overlong(cfg, meta)
         return out, {**meta, "tokenised_now": 0}
+    if out.exists():
+        # Cut short or damaged (see cached_meta): replaced whole, never read half.
+        log.warning("tokenised cache %s is incomplete; tokenising again", out)
+        shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
+    tempdirs.clean_stale(out.parent, TMP_NAME)
+    tmp = tempdirs.make(out.parent, TMP_NAME)
     start = time.time()
     # A request larger than the whole cluster would wait forever (a 1-CPU laptop, say).
     cpus = min(cfg.data.tokenise_cpus, ray.cluster_resources().get("CPU", 1.0))
@@ -197,6 +205,9 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
         ds.context.op_resource_reservation_enabled = False
         ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus})
         meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
+        if cfg.data.overlong == "error":
+            _refuse_overlong(cfg, corpus_dir, tmp / "data", meta)
+        check_overlong(cfg, meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out)
     except OSError:
@@ -210,9 +221,71 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     return out, {**meta, "tokenised_now": meta["records"]}
 
 
+def cached_meta(out: Path) -> dict | None:
+    """A cache entry's ``meta.json`` if the entry is whole: the meta parses and its shards hold the
+    rows it counts (read from their footers, not their data). None = tokenise again."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "data").glob("*.parquet"))
+    except (OSError, ValueError, UnicodeDecodeError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
+    return meta if isinstance(meta, dict) and meta.get("records") == rows else None
+
+
+def check_overlong(cfg: Config, meta: dict) -> None:
+    """Refuses a mix in which a weighted source has lost every training record to ``data.max_seq_len``.
+
+    Training without it would silently leave it out of the mixture (and, with every source gone,
+    have nothing to train on).
+
+    Raises:
+        DataError: naming the source, its dropped records and the keys that decide it.
+    """
+    for name, info in sorted(meta["sources"].items()):
+        if info["records"] == 0 and info["dropped_overlong"] > 0 and cfg.source_weight(name) > 0:
+            raise DataError(f"source {name!r}: all {info['dropped_overlong']} train records are longer than "
+                            f"data.max_seq_len={cfg.data.max_seq_len} tokens and were dropped; raise "
+                            f"data.max_seq_len, set data.overlong: truncate, or weigh it 0 in mixture.weights")
+
+
+def _refuse_overlong(cfg: Config, corpus_dir: Path, data_dir: Path, meta: dict) -> None:
+    """``data.overlong: error``: names the first record (by id) that is longer than ``data.max_seq_len``.
+
+    Raises:
+        DataError: a record did not fit.
+    """
+    dropped = {k: v["dropped_overlong"] for k, v in meta["sources"].items() if v["dropped_overlong"]}
+    if not dropped:
+        return
+    from bioray.corpus.read import shard_paths
+
+    name = min(dropped)
+    kept = set(_read_column(sorted(str(p) for p in data_dir.glob("*.parquet")), "id", name))
+    first = min(set(_read_column(shard_paths(corpus_dir), "id", name, split="train")) - kept)
+    raise DataError(f"record {first}: longer than data.max_seq_len={cfg.data.max_seq_len} tokens (data.overlong: "
+                    f"error; overlong train records: {sum(dropped.values())}); raise data.max_seq_len, or set "
+                    f"data.overlong to drop or truncate")
+
+
+def _read_column(paths: list[str], column: str, source: str, split: str | None = None) -> list[str]:
+    if not paths:
+        return []
+    import pyarrow.dataset as pads
+
+    where = pads.field("source") == source
+    if split is not None:
+        where = where & (pads.field("split") == split)
+    return pads.dataset(paths, format="parquet").to_table(columns=[column], filter=where)[column].to_pylist()
+
+
 def _cache_meta(data_dir: Path, manifest: dict, key_parts: dict, seconds: float) -> dict:
     """Counts per source, read back from the written shards (cheap: three columns)."""
-    table = pq.read_table(data_dir, columns=["source", "input_ids", "labels", "truncated"])
+    columns = ["source", "input_ids", "labels", "truncated"]
+    shards = sorted(data_dir.glob("*.parquet"))
+    # Every record dropped: Ray Data writes no shard, and a folder without one is no Parquet dataset.
+    table = pq.read_table(shards, columns=columns) if shards else \
+        pa.table({c: pa.array([], pa.string() if c == "source" else pa.bool_() if c == "truncated"
+                               else pa.list_(pa.int32())) for c in columns})
     sources: dict[str, dict] = {}
     lengths = pc.list_value_length(table["input_ids"]).to_numpy()
     trunc = table["truncated"].to_numpy(zero_copy_only=False)

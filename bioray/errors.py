@@ -5,6 +5,10 @@ class BiorayError(Exception):
     """Bad config or bad input; the message is one line naming the key, file or line."""
 
 
+class UsageError(BiorayError):
+    """A job's command line is wrong (a missing or unknown argument)."""
+
+
 class ConfigError(BiorayError):
     """A config key is unknown, has the wrong type or an invalid value."""
 

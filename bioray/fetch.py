@@ -122,7 +122,12 @@ def fetch(names: list[str], dest: Path, mirror: Optional[str] = None) -> list[Pa
             does not match; the file it names is left as it was.
     """
     out = []
-    for corpus in corpora(names):
+    wanted = corpora(names)
+    try:  # before any download: a data root that cannot be written fails in a second, not after one
+        Path(dest).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"{dest}: cannot write there ({e.strerror}); choose another --dest") from None
+    for corpus in wanted:
         folder = Path(dest).expanduser() / "ner" / corpus.name
         trusted = _read_lock(folder / LOCK)
         for split in SPLITS:

@@ -13,20 +13,27 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import struct
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
+from bioray import tempdirs
 from bioray.config import Config
 from bioray.errors import ConfigError
-from bioray.optim import lr_schedule
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("bioray")
 
 TINY_VERSION = "1"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+TINY_TMP = ".tiny-tmp"  # a tiny base being built (bioray.tempdirs naming)
+# Weights that load without running code, and the pickle formats that can run code when loaded.
+SAFE_WEIGHTS = "*.safetensors"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def cache_root(cfg: Config) -> Path:
@@ -52,32 +59,105 @@ def resolve_base(cfg: Config, corpus_dir: Path) -> str:
     name = cfg.model.name_or_path
     if name == "tiny":
         return str(build_tiny(cfg, corpus_dir))
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser().resolve())
-    if name.startswith((".", "/", "~")):
-        raise ConfigError(f"config key 'model.name_or_path': folder {name!r} does not exist")
+    local = local_model(name)
+    if local is not None:
+        check_model_folder(local, cfg, "config key 'model.name_or_path'")
+        return str(local)
     return name
 
 
+def local_model(name: str) -> Optional[Path]:
+    """The folder ``model.name_or_path`` names, or None for a hub id (and for ``tiny``).
+
+    Raises:
+        ConfigError: a local-looking path (``./``, ``/``, ``~``) that does not exist.
+    """
+    if name == "tiny":
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.resolve()
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"config key 'model.name_or_path': folder {name!r} does not exist")
+    return None
+
+
+def check_model_folder(folder: Path, cfg: Config, named_by: str) -> None:
+    """Checks a local model folder before anything loads it: a Hugging Face model with a tokenizer,
+    whose weights load without running code (safetensors), unless ``model.allow_pickle`` says otherwise.
+
+    Args:
+        folder: The model folder.
+        cfg: The run's config (``model.allow_pickle``).
+        named_by: Where the folder came from (a config key, a flag), for the error.
+
+    Raises:
+        ConfigError: no config.json, no tokenizer, pickle weights only, or no weights.
+    """
+    if not folder.is_dir():
+        raise ConfigError(f"{named_by}: {folder} is not a folder (expected a Hugging Face model folder)")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{named_by}: {folder} has no config.json (not a Hugging Face model folder)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{named_by}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if any(folder.glob(SAFE_WEIGHTS)):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if not pickled:
+        raise ConfigError(f"{named_by}: {folder} holds no model weights ({SAFE_WEIGHTS})")
+    if not cfg.model.allow_pickle:
+        raise ConfigError(f"{named_by}: {folder} holds pickle weights only ({pickled[0]}), which can run code when "
+                          f"loaded; convert them to safetensors, or set model.allow_pickle: true if you trust them")
+
+
 def load_tokenizer(path: str, cfg: Config):
-    """Loads a tokenizer and gives it a pad token (left padding is set where generation needs it)."""
+    """Loads a tokenizer and gives it a pad token (left padding is set where generation needs it).
+
+    ``trust_remote_code`` and ``revision`` come from the config the job was given (never from a
+    checkpoint's own files).
+    """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
+                                        revision=_revision(path, cfg))
     if tok.pad_token_id is None:
         # Llama-2 ships without a pad token; EOS is the common stand-in and labels mask it anyway.
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base(path: str, cfg: Config, dtype: torch.dtype = torch.float32):
-    """Loads a causal LM from safetensors only (no pickle) on CPU."""
+def load_base(path: str, cfg: Config, dtype: Optional[torch.dtype] = None):
+    """Loads a causal LM on CPU (fp32 unless ``dtype``), from safetensors only unless ``model.allow_pickle``."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    # use_safetensors=True: transformers refuses *.bin instead of falling back to torch.load.
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True, **extra
+        path, dtype=dtype or torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=None if cfg.model.allow_pickle else True, revision=_revision(path, cfg), **extra,
     )
+
+
+def _revision(path: str, cfg: Config) -> Optional[str]:
+    """``model.revision`` for the hub id it pins; a local folder (a checkpoint, the tiny base) has none."""
+    return cfg.model.revision if path == cfg.model.name_or_path and local_model(path) is None else None
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file is whole: its header parses and its tensors end where the file does.
+
+    A write that was cut short (a full disk, a killed process) fails this without reading the
+    tensors; a flipped byte inside them does not (that takes a checksum).
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
 
 
 def add_lora(model, cfg: Config):
@@ -124,11 +204,16 @@ def build_tiny(cfg: Config, corpus_dir: Path) -> Path:
     manifest = read_manifest(corpus_dir)
     out = cache_root(cfg) / "models" / f"tiny-{_tiny_key(cfg, manifest['content_hash'])}"
     if (out / "config.json").is_file():
-        log.info("tiny base model up to date: %s", out)
-        return out
+        if safetensors_complete(out / "model.safetensors"):
+            log.info("tiny base model up to date: %s", out)
+            return out
+        # Cut short (a full disk, a copy of the cache that stopped): build it again, not fail every run.
+        log.warning("%s is incomplete; building the tiny base again", out / "model.safetensors")
+        shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tempdirs.clean_stale(out.parent, TINY_TMP)
     texts = _corpus_texts(cfg, corpus_dir, manifest)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    tmp = tempdirs.make(out.parent, TINY_TMP)
     try:
         tokenizer = _train_tokenizer(texts, cfg.model.tiny.vocab_size)
         model = _init_tiny(cfg, tokenizer)
@@ -179,6 +264,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def _init_tiny(cfg: Config, tokenizer):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t = cfg.model.tiny
@@ -201,6 +287,10 @@ def _init_tiny(cfg: Config, tokenizer):
 
 def _pretrain(model, tokenizer, texts: list[str], cfg: Config) -> None:
     """Full-parameter causal-LM pretraining on the corpus text, packed into fixed-length rows."""
+    import torch
+
+    from bioray.optim import lr_schedule
+
     t = cfg.model.tiny
     ids: list[int] = []
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, first_difference, verify
+from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, check_revision, first_difference, verify
 from bioray.config import Config, dump, to_dict
+from bioray.corpus.sources import quote
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
 from bioray.optim import optimizer_class
@@ -244,6 +247,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     with local_copy(where) as ckpt:
         verify(ckpt)
         base = check_base(ckpt, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
+        check_revision(ckpt, cfg.model.revision, "config key 'model.revision'")
     check_base_exists(where, base)
     corpus_dir = prepare(cfg)
     actors = start_pool(cfg, base, corpus_dir, pool_name(cfg) + "-eval")
@@ -274,9 +278,28 @@ def read_predictions(path: Path, known_ids: set[str], cfg: Config) -> dict[str, 
         DataError: naming the file and line of the first bad line (not JSON, missing or non-string
             fields, an id outside the eval set, a duplicate id).
     """
+    out: dict[str, str] = {}
+    for n, obj in prediction_lines(path):
+        if obj["id"] not in known_ids:
+            raise DataError(f"{path}:{n}: id {quote(obj['id'])} is not in the eval set "
+                            f"(split {cfg.eval.split}, eval.max_examples={cfg.eval.max_examples})")
+        if obj["id"] in out:
+            raise DataError(f"{path}:{n}: id {quote(obj['id'])} appears twice")
+        out[obj["id"]] = obj["prediction"]
+    missing = len(known_ids) - len(out)
+    if missing:
+        log.warning("%s: %d eval records have no prediction; they count as unparsable answers", path, missing)
+    return out
+
+
+def prediction_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, {"id", "prediction"})`` per non-blank line of a predictions file, its form checked.
+
+    Raises:
+        DataError: naming the file and the line: missing, not UTF-8, not JSON, or missing fields.
+    """
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
-    out: dict[str, str] = {}
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -292,16 +315,7 @@ def read_predictions(path: Path, known_ids: set[str], cfg: Config) -> dict[str, 
             if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) \
                     or not isinstance(obj.get("prediction"), str):
                 raise DataError(f"{path}:{n}: expected {{\"id\": string, \"prediction\": string}}")
-            if obj["id"] not in known_ids:
-                raise DataError(f"{path}:{n}: id {obj['id']!r} is not in the eval set "
-                                f"(split {cfg.eval.split}, eval.max_examples={cfg.eval.max_examples})")
-            if obj["id"] in out:
-                raise DataError(f"{path}:{n}: id {obj['id']!r} appears twice")
-            out[obj["id"]] = obj["prediction"]
-    missing = len(known_ids) - len(out)
-    if missing:
-        log.warning("%s: %d eval records have no prediction; they count as unparsable answers", path, missing)
-    return out
+            yield n, obj
 
 
 def _write_eval(cfg: Config, results: dict, extra: dict, predictions: dict | None) -> dict:
@@ -323,3 +337,80 @@ def _write_eval(cfg: Config, results: dict, extra: dict, predictions: dict | Non
     print(table)
     return out
 
+
+# ------------------------------------------------------------------------ before Ray starts
+
+
+def check_inputs(cfg: Config, job: str, checkpoint: str | None = None, predictions: str | None = None) -> None:
+    """Checks every input a job will read, before Ray starts or a model loads (STYLE.md rule 12).
+
+    Light on purpose: nothing here imports Ray or torch (tests/test_errors.py holds every job to
+    that), so a typo costs a second. It writes one thing: the sample corpus, where
+    ``corpus.sample_dir`` asks for it, so that the source files can be checked.
+
+    Args:
+        cfg: The job's config.
+        job: prepare | finetune | evaluate | tune.
+        checkpoint: ``evaluate --checkpoint``: a folder, or a URI (checked once Ray runs).
+        predictions: ``evaluate --predictions``.
+
+    Raises:
+        BiorayError: the first bad input, in one line naming the key, the file or the line.
+    """
+    from bioray.corpus.sample import check_sample_dir, write_sample
+    from bioray.corpus.sources import check_sources
+    from bioray.model import check_model_folder, local_model
+    from bioray.storage import check_storage
+
+    _check_run_dir(Path(cfg.run.dir))
+    if not cfg.corpus.sources:
+        raise DataError("config key 'corpus.sources': expected at least one source, got none")
+    if cfg.corpus.sample_dir:
+        check_sample_dir(cfg.corpus.sample_dir)
+    if job != "prepare":
+        _check_eval_split(cfg)
+        folder = local_model(cfg.model.name_or_path)
+        if folder is not None:
+            check_model_folder(folder, cfg, "config key 'model.name_or_path'")
+    if job in ("finetune", "tune"):
+        check_storage(cfg.run.storage)
+    if job == "tune":
+        _check_search_space(cfg)
+    if checkpoint is not None and not is_uri(checkpoint):
+        folder = Path(checkpoint).resolve()
+        base = check_base(folder, cfg.model.name_or_path, named_by="config key 'model.name_or_path'")
+        check_base_exists(folder, base)
+        check_revision(folder, cfg.model.revision, "config key 'model.revision'")
+    if predictions is not None:
+        for _ in prediction_lines(Path(predictions)):
+            pass
+    if cfg.corpus.sample_dir:
+        write_sample(cfg.corpus.sample_dir)
+    check_sources(cfg)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config key 'run.dir': {run_dir} is a file; expected a folder for the run's outputs")
+    existing = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key 'run.dir': {run_dir} cannot be written ({existing} is read-only)")
+
+
+def _check_eval_split(cfg: Config) -> None:
+    """Some source must have the split that checkpoints are scored on, or training ends unscored."""
+    split = cfg.eval.split
+    if not any(split in s.files for s in cfg.corpus.sources):
+        have = sorted({k for s in cfg.corpus.sources for k in s.files})
+        raise ConfigError(f"config key 'eval.split': no source has a {split!r} file; set it to one the sources "
+                          f"have ({', '.join(have)})")
+
+
+def _check_search_space(cfg: Config) -> None:
+    """A search with something to search: the same rule as ``bioray.tune.param_space``, before any stage runs."""
+    t = cfg.tune
+    weighted = [s for s in cfg.corpus.sources if "train" in s.files and cfg.source_weight(s.name) > 0]
+    keys = {s.task if cfg.mixture.by == "task" else s.name for s in weighted}
+    if t.lr is None and t.rank is None and not t.space and not (t.mixture and len(keys) > 1):
+        raise ConfigError("config key 'tune': nothing to search (tune.lr, tune.rank and tune.space are null or "
+                          "empty, and tune.mixture needs two weighted sources)")

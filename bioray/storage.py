@@ -113,7 +113,10 @@ def local_copy(uri_or_path: str) -> Iterator[Path]:
         from bioray.errors import CheckpointError
 
         raise CheckpointError(f"{uri_or_path}: checkpoint folder not found")
-    with tempfile.TemporaryDirectory(prefix="bioray-download-") as tmp:
+    from bioray.tempdirs import prefix
+
+    # Named for its process, so a killed run's download is removed by the next job (bioray.cli).
+    with tempfile.TemporaryDirectory(prefix=prefix("bioray-download")) as tmp:
         dest = Path(tmp) / Path(path).name
         for rel in _files_under(fs, path):
             # Object stores list files, not folders: make each file's folder here first.
@@ -130,3 +133,57 @@ def _files_under(fs, path: str) -> list[str]:
 
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def check_storage(uri: str | None) -> None:
+    """Checks ``run.storage`` before anything starts: a scheme pyarrow can open and, for object
+    storage, a bucket that answers (an endpoint typo fails here, not at the first checkpoint).
+
+    Credentials are not checked here (the config refuses them in the URI); what pyarrow's error
+    says is redacted, since it may quote the endpoint's user.
+
+    Raises:
+        ConfigError: naming ``run.storage``.
+    """
+    if not uri or not is_uri(uri):
+        return
+    import pyarrow.fs as pafs
+
+    from bioray.errors import ConfigError
+    from bioray.redact import redact
+
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except ValueError:  # pyarrow.ArrowInvalid: "Unrecognized filesystem type in URI"
+        raise ConfigError(f"config key 'run.storage': unknown scheme '{scheme}://' in {uri!r} (expected a local "
+                          f"folder, or a URI pyarrow opens: s3://, gs://, abfs://, hdfs://)") from None
+    except OSError as e:
+        raise ConfigError(f"config key 'run.storage': cannot open {uri!r}: {_reason(e)}") from None
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise ConfigError(redact(f"config key 'run.storage': cannot reach {uri!r}{_endpoint()}: {_reason(e)}")) \
+            from None
+    if not found:
+        raise ConfigError(f"config key 'run.storage': bucket {bucket!r} does not exist{_endpoint()}")
+
+
+def _endpoint() -> str:
+    import os
+
+    from bioray.redact import redact
+
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" (endpoint {redact(url)} from the environment)" if url else ""
+
+
+def _reason(e: Exception) -> str:
+    """A library's error in one short line, secrets masked."""
+    from bioray.redact import redact
+
+    text = " ".join(str(e).split())
+    # pyarrow's S3 errors: "When ...: AWS Error NETWORK_CONNECTION during HeadBucket operation: ...; Details: ..."
+    text = text.split("AWS Error ", 1)[-1].split("; Details:", 1)[0]
+    return redact(text[:200])

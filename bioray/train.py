@@ -363,7 +363,10 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
     full = cfg.train.full_finetune
     module = engine.module
     params = list(module.parameters()) if full else [p for p in module.parameters() if p.requires_grad]
-    with tempfile.TemporaryDirectory(prefix="bioray-ckpt-") as tmp:
+    from bioray.tempdirs import prefix
+
+    # Named for its process: a killed worker's half-written checkpoint is removed by the next job (bioray.cli).
+    with tempfile.TemporaryDirectory(prefix=prefix("bioray-ckpt")) as tmp:
         # ZeRO-3 partitions parameters across ranks: gather them (a collective, so every rank
         # enters) before rank 0 saves, or the saved file holds empty tensors.
         gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 \

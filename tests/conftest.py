@@ -36,3 +36,43 @@ def run_job(*args, env=None, timeout=900):
 def cache_dir(tmp_path_factory):
     """One bioray cache per test session: the tiny base is built once, shared by the job tests."""
     return tmp_path_factory.mktemp("bioray-cache")
+
+
+# Fake credentials planted in the environment of the e2e runs (tests/test_e2e.py, tests/test_tune.py),
+# which then read every byte those runs write and print for them. None of them is used by a local run:
+# run.storage is a local folder, the model is built locally, nothing is downloaded.
+PLANTED_SECRETS = {
+    "HF_TOKEN": "hf_bioraySecretScanToken01",
+    "AWS_ACCESS_KEY_ID": "AKIABIORAYSCAN000001",
+    "AWS_SECRET_ACCESS_KEY": "bioray/Scan+Secret=01",
+    "AWS_ENDPOINT_URL": "http://scanuser:scanpass@127.0.0.1:9/",
+}
+
+
+def secret_forms() -> set[str]:
+    """Each planted secret as it could leak: as is, URL-encoded, base64 (the endpoint's user and password too)."""
+    import base64
+    from urllib.parse import quote
+
+    values = [v for k, v in PLANTED_SECRETS.items() if k != "AWS_ENDPOINT_URL"] + ["scanuser", "scanpass"]
+    return {form for v in values for form in (v, quote(v, safe=""), base64.b64encode(v.encode()).decode().rstrip("="))}
+
+
+def assert_no_secrets(folders, texts=()) -> int:
+    """Reads every file under ``folders`` and every text in ``texts``; fails naming where a secret shows.
+
+    Returns:
+        The number of files read (so a caller can check the scan saw something).
+    """
+    forms = [f.encode() for f in secret_forms()]
+    found, n = [], 0
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                n += 1
+                data = path.read_bytes()
+                found += [f"{path}: {f.decode()}" for f in forms if f in data]
+    for i, text in enumerate(texts):
+        found += [f"output {i}: {f.decode()}" for f in forms if f in text.encode()]
+    assert not found, "planted secrets leaked:\n" + "\n".join(found[:20])
+    return n

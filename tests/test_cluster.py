@@ -110,6 +110,66 @@ def test_token_auth_is_on_and_the_dashboard_is_private(load):
     assert not config["provider"].get("security_group", {}).get("IpPermissions")
 
 
+def _nodes(config: dict) -> dict:
+    return {name: t["node_config"] for name, t in config["available_node_types"].items()}
+
+
+def test_aws_volumes_are_encrypted_and_metadata_needs_a_session_token():
+    for name, node in _nodes(_aws()).items():
+        volumes = [m["Ebs"] for m in node["BlockDeviceMappings"]]
+        assert volumes and all(v.get("Encrypted") is True for v in volumes), name
+        # IMDSv2: a forged request from a container cannot read the instance role's credentials.
+        assert node["MetadataOptions"]["HttpTokens"] == "required", name
+
+
+def test_ssh_is_not_open_to_the_world():
+    config = _aws()
+    # A node that names no group gets Ray's default one, which opens 22 to 0.0.0.0/0.
+    groups = {name: tuple(node.get("SecurityGroupIds") or ()) for name, node in _nodes(config).items()}
+    assert all(groups.values()) and len(set(groups.values())) == 1, groups
+    assert "security_group" not in config["provider"]
+    assert "0.0.0.0/0" not in json.dumps(config)
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    assert "authorize-security-group-ingress" in doc and "--cidr 0.0.0.0/0" not in doc
+
+
+def _policy(marker: str) -> dict:
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    block = doc.split(f"<!-- {marker} -->", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+def test_workers_may_read_and_write_the_runs_bucket_and_nothing_else():
+    config = _aws()
+    head = config["head_node_type"]
+    roles = {name: node["IamInstanceProfile"]["Name"] for name, node in _nodes(config).items()}
+    assert roles.pop(head) == "bioray-head" and set(roles.values()) == {"bioray-worker"}
+    worker = _policy("worker-policy")["Statement"]
+    actions = {a for st in worker for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    assert all(st["Resource"].startswith("arn:aws:s3:::YOUR-BUCKET") for st in worker)
+    head_policy = _policy("head-policy")["Statement"]
+    stopping = [st for st in head_policy if "ec2:TerminateInstances" in st["Action"]]
+    assert stopping and all("ec2:ResourceTag/ray-cluster-name" in str(st.get("Condition")) for st in stopping)
+    passing = [st for st in head_policy if "iam:PassRole" in st["Action"]]
+    assert [st["Resource"] for st in passing] == ["arn:aws:iam::YOUR-ACCOUNT:role/bioray-worker"]
+    assert not any(a in ("*", "s3:*", "ec2:*", "iam:*") for st in head_policy for a in st["Action"])
+
+
+@pytest.mark.parametrize("load", [_aws, _gcp], ids=["aws", "gcp"])
+def test_the_token_file_is_readable_by_its_owner_only(load):
+    config = load()
+    assert config["setup_commands"][0] == "chmod 600 ~/.ray/auth_token"
+
+
+def test_gcp_workers_run_as_their_own_service_account():
+    config = _gcp()
+    head = config["head_node_type"]
+    for name, node in _nodes(config).items():
+        if name != head:
+            assert [a["email"].split("@")[0] for a in node["serviceAccounts"]] == ["bioray-worker"], name
+
+
 def test_working_dir_upload_stays_small(tmp_path):
     """What `ray job submit --working-dir .` uploads: .gitignore'd runs/ and virtualenvs stay home."""
     from ray._private.ray_constants import get_runtime_env_default_excludes
@@ -207,7 +267,7 @@ def local_cluster():
             assert head.poll() is None, (base / "ray-start.log").read_text()[-3000:]
             assert time.time() < deadline, "job server did not come up in 120 s"
             time.sleep(1)
-        yield {"address": address, "env": env, "base": base, "token": token}
+        yield {"address": address, "env": env, "base": base, "token": token, "gcs": f"127.0.0.1:{gcs_port}"}
     finally:
         head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
         try:
@@ -230,6 +290,15 @@ def test_ray_job_submit_runs_finetune(local_cluster):
     # The job server refuses requests without the token.
     assert _get(f"{address}/api/jobs/", None) == 401
     assert _get(f"{address}/api/jobs/", "0" * 64) in (401, 403)
+    # And so does the cluster itself: a driver without the token (none in the environment, no
+    # ~/.ray/auth_token in its home) cannot join.
+    home = base / "no-token-home"
+    home.mkdir()
+    client = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    refused = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={local_cluster['gcs']!r})"],
+                             env={**client, "HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "Authentication token is missing or incorrect" in refused.stdout + refused.stderr, refused.stderr[-2000:]
 
     run_dir = base / "run"  # absolute: the job's working dir is a copy, elsewhere
     job_id = f"bioray-e2e-{secrets.token_hex(4)}"

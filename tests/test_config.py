@@ -203,11 +203,11 @@ def test_ner_real_reads_the_shared_data_through_bioray_data(shared_data, monkeyp
 
 
 def test_a_corpus_not_fetched_yet_fails_naming_the_key_and_the_fetch(tmp_path, monkeypatch):
-    from bioray.corpus.build import _check_files
+    from bioray.corpus.sources import check_files
     from bioray.errors import DataError
 
     monkeypatch.setenv("BIORAY_DATA", str(tmp_path))
     cfg = load(ROOT / "configs" / "ner-real.yaml")
     with pytest.raises(DataError, match=rf"^config key 'corpus.sources\[0\].files.train': file not found: "
                                         rf"{tmp_path}/ner/NCBI-disease/train.tsv \(under BIORAY_DATA=.*bioray data fetch"):
-        _check_files(cfg)
+        check_files(cfg)

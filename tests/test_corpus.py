@@ -342,6 +342,35 @@ def test_failed_rebuild_keeps_the_old_corpus(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_file_of_blank_lines_fails_naming_the_key(tmp_path):
+    f = _write(tmp_path / "blank.tsv", "\n\n-DOCSTART-\tO\n\n")
+    cfg = _cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "entity": "x", "files": {"train": f}}])
+    with pytest.raises(DataError, match=rf"corpus.sources\[0\].files.train': {f} holds no records"):
+        build_corpus(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no corpus, no temporary folder
+
+
+def test_a_manifest_cut_short_rebuilds_and_a_killed_builds_leftovers_go(tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    f = _write(tmp_path / "a.tsv", IOB)
+    cfg = _cfg(tmp_path, [{"name": "n", "format": "iob", "task": "ner", "entity": "x", "files": {"train": f}}])
+    corpus = build_corpus(cfg)
+    manifest = (corpus / "manifest.json").read_text()
+    (corpus / "manifest.json").write_text(manifest[: len(manifest) // 2])  # a copy cut short
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / "run" / f".corpus-tmp.{socket.gethostname()}.{dead.pid}.abcdefgh"
+    (leftover / "_side").mkdir(parents=True)  # a build killed half-way
+    with caplog.at_level("INFO", logger="bioray"):
+        build_corpus(cfg)
+    assert "building the corpus again" in caplog.text
+    assert (corpus / "manifest.json").read_text() == manifest
+    assert not leftover.exists() and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["corpus"]
+
+
 # ---------------------------------------------------------------- reuse and determinism
 
 

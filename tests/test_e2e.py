@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_job
+from conftest import PLANTED_SECRETS, assert_no_secrets, run_job
 
 pytestmark = pytest.mark.e2e
 
@@ -18,9 +18,18 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}")
+    # Fake credentials in its environment, as a user's would be: test_no_secret_leaves_the_environment.
+    proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
+                   env=PLANTED_SECRETS)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return run_dir, proc
+
+
+def test_no_secret_leaves_the_environment(quickstart, cache_dir):
+    # Every byte the run wrote (corpus, checkpoints, bioray.yaml, result.json, metrics, TensorBoard
+    # events, report.md, the cache) and printed.
+    run_dir, proc = quickstart
+    assert assert_no_secrets([run_dir, cache_dir], [proc.stdout, proc.stderr]) > 20
 
 
 def test_quickstart_writes_the_contracted_files(quickstart):

@@ -101,7 +101,7 @@ def test_adapter_export_is_clean_and_loads_with_peft(checkpoint, records, tmp_pa
 
 def test_merged_model_equals_base_plus_adapter_without_peft(checkpoint, records, tmp_path):
     base_dir, ckpt = checkpoint
-    out = export_checkpoint(ckpt, tmp_path / "merged", merge=True)
+    out = export_checkpoint(ckpt, tmp_path / "merged", merge=True, expected_base="tiny")
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "bioray.yaml"} <= names
     assert not names & {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"}
@@ -155,14 +155,14 @@ def test_refusals_leave_nothing_behind(checkpoint, tmp_path):
     shutil.copytree(ckpt, broken)
     (broken / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="adapter_model.safetensors is missing"):
-        export_checkpoint(broken, tmp_path / "d", merge=True)
+        export_checkpoint(broken, tmp_path / "d", merge=True, expected_base="tiny")
     moved = tmp_path / "moved"
     shutil.copytree(ckpt, moved)
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no longer exists"):
-        export_checkpoint(moved, tmp_path / "e", merge=True)
+        export_checkpoint(moved, tmp_path / "e", merge=True, expected_base="tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "broken", "c", "full", "moved"]
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bioray.config import load
-from conftest import ROOT, run_job
+from conftest import PLANTED_SECRETS, ROOT, assert_no_secrets, run_job
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +42,13 @@ def _trials(run_dir: Path) -> list[dict]:
 def search(tmp_path_factory, cache_dir):
     """A search killed once a trial has finished, then run again to the end (and once more)."""
     run_dir = tmp_path_factory.mktemp("tune") / "run"
-    first = subprocess.Popen([sys.executable, *map(str, _args(run_dir, cache_dir))], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                             env=os.environ.copy())
+    # Fake credentials in both runs' environment (test_no_secret_leaves_the_environment reads what they
+    # wrote and printed); the killed run's output goes to files beside the run folder.
+    out = run_dir.parent / "first.out"
+    with open(out, "w") as log:
+        first = subprocess.Popen([sys.executable, *map(str, _args(run_dir, cache_dir))], cwd=ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, **PLANTED_SECRETS})
     finished: dict[Path, float] = {}
     deadline = time.time() + 900
     while time.time() < deadline and first.poll() is None:
@@ -58,9 +62,15 @@ def search(tmp_path_factory, cache_dir):
     # Trials cut off mid-way that had made a checkpoint: they must go on from it, not from step 0.
     cut = {p.parent.parent.name for p in (run_dir / "tune" / "trials").glob("*/checkpoints/step-*/trainer_state.json")
            if not (p.parent.parent.parent / "result.json").exists()}
-    resumed = run_job(*_args(run_dir, cache_dir), timeout=1200)
+    resumed = run_job(*_args(run_dir, cache_dir), timeout=1200, env=PLANTED_SECRETS)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     return run_dir, finished, resumed, cut
+
+
+def test_no_secret_leaves_the_environment(search, cache_dir):
+    run_dir, _, resumed = search
+    first = (run_dir.parent / "first.out").read_text(errors="replace")
+    assert assert_no_secrets([run_dir, cache_dir], [first, resumed.stdout, resumed.stderr]) > 20
 
 
 def test_every_trial_ends_with_its_sample_and_a_point_on_the_simplex(search):

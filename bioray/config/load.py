@@ -242,9 +242,12 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        # An unclosed bracket or quote is reported where the file ends: say where it was opened too.
+        opened = f"; {e.context} on line {context.line + 1}" if mark and context and context.line != mark.line \
+            and getattr(e, "context", None) else ""
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)}{opened})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     if data is None:

@@ -69,6 +69,8 @@ class CorpusSection:
     """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
     shard_mib: int = 64
     """In-memory MiB of records gathered into one Parquet shard of run.dir/corpus/ (smaller on disk)."""
+    max_line_bytes: int = 1048576
+    """Longest line a source file may hold (bytes, 1 MiB); a longer one is rejected unread, far beyond any data.max_seq_len."""
 
 
 @dataclass
@@ -94,7 +96,11 @@ class ModelSection:
     name_or_path: str = "tiny"
     """`tiny` (built and cached locally), a hub id, or a local Hugging Face folder."""
     trust_remote_code: bool = False
-    """Passed to from_pretrained; off unless you trust the model's code."""
+    """Run Python code shipped with the model (from_pretrained's trust_remote_code); off unless you trust it. Evaluate and export take it from your config or command line, never from a checkpoint."""
+    allow_pickle: bool = False
+    """Load pickle weights (*.bin, *.pt) from a model folder without safetensors; pickle can run code when loaded, so only for files you trust."""
+    revision: Optional[str] = None
+    """Hub revision of model.name_or_path (branch, tag or commit hash; pin a commit for a reproducible base); null = the default branch. Kept in each checkpoint's bioray.yaml."""
     tiny: TinyModelSection = field(default_factory=TinyModelSection)
     """Shape and pretraining of the `tiny` base."""
     attn_implementation: Optional[str] = None
@@ -108,7 +114,7 @@ class DataSection:
     packing: bool = True
     """Pack several examples per sequence; each attends only within itself."""
     overlong: str = "drop"
-    """Examples longer than max_seq_len: drop | truncate (truncate cuts the prompt, never the answer)."""
+    """Examples longer than max_seq_len: drop (counted in the cache's meta.json) | truncate (cuts the prompt, never the answer) | error (exit 2 naming the first one)."""
     cache_dir: Optional[str] = None
     """Tokenised cache and built tiny models; null = ~/.cache/bioray (or $BIORAY_CACHE)."""
     tokenise_batch_size: int = 2048

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
-    from bioray.config.schema import (Config, CorpusSection, RunSection, DataSection, EvalSection, LoraSection,
-                                      MixtureSection, TrainSection, TuneSection)
+    from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
+                                      ModelSection, RunSection, TrainSection, TuneSection)
 
 FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions")
 TASKS = ("ner", "re", "nli", "cls", "qa")
@@ -30,6 +32,15 @@ LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "po
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
+# What eval.json reports per task (bioray.evaluate.metrics.score_source; a test keeps them equal):
+# eval.score may name any of them as SOURCE/METRIC.
+TASK_METRICS = {"ner": ("f1", "precision", "recall", "parse_rate", "n"), "re": ("f1", "accuracy", "parse_rate", "n"),
+                "cls": ("f1", "accuracy", "parse_rate", "n"), "nli": ("accuracy", "parse_rate", "n"),
+                "qa": ("accuracy", "parse_rate", "n")}
+TEMPLATE_FIELDS = ("instruction", "input")
+_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Query parameters of a pyarrow S3 URI that carry credentials (s3://bucket/path?access_key=...).
+_URI_SECRETS = ("access_key", "secret_key", "session_token")
 # A search builds these once, from the base config, before any trial starts (bioray.tune.search);
 # a trial's own value for them would be silently ignored, so tune.space refuses them.
 SEARCHABLE = "train.*, lora.*, mixture.* and data.packing"
@@ -59,6 +70,7 @@ def validate(cfg: Config) -> None:
     """
     validate_run(cfg.run)
     validate_corpus(cfg.corpus)
+    validate_model(cfg.model)
     validate_data(cfg.data)
     validate_train(cfg.train)
     validate_lora(cfg.lora)
@@ -66,15 +78,43 @@ def validate(cfg: Config) -> None:
     validate_eval(cfg.eval)
     validate_tune(cfg.tune)
     validate_mixture_weights(cfg)
+    validate_eval_score(cfg)
     validate_tune_space(cfg)
 
 
+def _at_least(key: str, value: Any, low: int, null_ok: bool = False) -> None:
+    if value is None and null_ok:
+        return
+    if value is None or value < low:
+        fail(key, f"an integer >= {low}" + (" or null" if null_ok else ""), value)
+
+
+def _number(key: str, value: float, low: float, expected: str, strict: bool = False) -> None:
+    """A finite number >= ``low`` (> ``low`` with ``strict``); NaN and infinity fail too."""
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        fail(key, expected, value)
+
+
 def validate_run(r: RunSection) -> None:
-    """The run's name under run.storage: a relative path that stays inside it."""
+    """The seed, credentials kept out of run.storage, and the run's name: a relative path inside run.storage."""
+    # numpy's generators (shuffles, packing order) take only non-negative seeds.
+    _at_least("run.seed", r.seed, 0)
+    if r.storage is not None and _has_credentials(r.storage):
+        # Not echoed: the value would reach the terminal, and bioray.yaml would keep it for good.
+        raise ConfigError("config key 'run.storage': holds credentials, which bioray.yaml, logs and reports would "
+                          "keep; give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead")
     if r.name is not None:
         parts = r.name.split("/")
         if not r.name or r.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
             fail("run.name", "a relative folder name such as my-run or search/trials/t1 (no '..')", r.name)
+
+
+def _has_credentials(uri: str) -> bool:
+    """Whether a storage URI carries a user name, password or secret query parameter."""
+    if "://" not in uri:
+        return False
+    parts = urlsplit(uri)
+    return "@" in parts.netloc or any(k in _URI_SECRETS for k in parse_qs(parts.query))
 
 
 def validate_corpus(c: CorpusSection) -> None:
@@ -102,19 +142,40 @@ def validate_corpus(c: CorpusSection) -> None:
             fail(f"{key}.instructions", "a non-empty list or null", s.instructions)
     if not 0 <= c.max_rejected_fraction <= 1:
         fail("corpus.max_rejected_fraction", "a fraction in [0, 1]", c.max_rejected_fraction)
-    for k in ("{instruction}", "{input}"):
-        if k not in c.template:
-            fail("corpus.template", f"a layout containing {k}", c.template)
-    if c.shard_mib < 1:
-        fail("corpus.shard_mib", "an integer >= 1", c.shard_mib)
+    for k in TEMPLATE_FIELDS:
+        if "{%s}" % k not in c.template:
+            fail("corpus.template", "a layout containing {%s}" % k, c.template)
+    unknown = [f for f in _TEMPLATE_FIELD.findall(c.template) if f not in TEMPLATE_FIELDS]
+    if unknown:
+        # It would reach every prompt as literal text: the model would learn it, never a value.
+        fail("corpus.template", "fields {instruction} and {input} only (unknown: {%s})" % unknown[0], c.template)
+    _at_least("corpus.shard_mib", c.shard_mib, 1)
+    _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
+
+
+def validate_model(m: ModelSection) -> None:
+    """The tiny base's shape and pretraining; a revision only where there is a hub to ask."""
+    t = m.tiny
+    # The byte-level BPE starts from 256 bytes and 3 special tokens.
+    _at_least("model.tiny.vocab_size", t.vocab_size, 260)
+    for key, value in (("model.tiny.num_layers", t.num_layers), ("model.tiny.num_heads", t.num_heads),
+                       ("model.tiny.pretrain_steps", t.pretrain_steps),
+                       ("model.tiny.pretrain_batch_size", t.pretrain_batch_size)):
+        _at_least(key, value, 1)
+    _at_least("model.tiny.hidden_size", t.hidden_size, 8)
+    if t.hidden_size % t.num_heads:
+        fail("model.tiny.hidden_size", f"a multiple of model.tiny.num_heads ({t.num_heads})", t.hidden_size)
+    _number("model.tiny.pretrain_lr", t.pretrain_lr, 0, "a positive learning rate", strict=True)
+    if m.revision is not None and (not m.revision.strip() or m.name_or_path == "tiny"):
+        fail("model.revision", "null, or a hub branch, tag or commit for a hub model", m.revision)
 
 
 def validate_data(d: DataSection) -> None:
     """Sequence length, overlong handling and the tokenising tasks."""
     if d.max_seq_len < 16:
         fail("data.max_seq_len", "an integer >= 16", d.max_seq_len)
-    if d.overlong not in ("drop", "truncate"):
-        fail("data.overlong", "drop | truncate", d.overlong)
+    if d.overlong not in ("drop", "truncate", "error"):
+        fail("data.overlong", "drop | truncate | error", d.overlong)
     if d.tokenise_batch_size < 1:
         fail("data.tokenise_batch_size", "an integer >= 1", d.tokenise_batch_size)
     if d.tokenise_tasks is not None and d.tokenise_tasks < 1:
@@ -130,16 +191,18 @@ def validate_train(t: TrainSection) -> None:
                        ("train.report_every", t.report_every)):
         if value < 1:
             fail(key, "an integer >= 1", value)
-    if not (t.lr > 0 and math.isfinite(t.lr)):
-        fail("train.lr", "a positive learning rate", t.lr)
+    _number("train.lr", t.lr, 0, "a positive learning rate", strict=True)
+    _at_least("train.warmup_steps", t.warmup_steps, 0)
+    _number("train.weight_decay", t.weight_decay, 0, "a number >= 0")
+    _number("train.grad_clip", t.grad_clip, 0, "a number >= 0 (0 = no clipping)")
     if t.zero_stage not in (0, 1, 2, 3):
         fail("train.zero_stage", "0, 1, 2 or 3", t.zero_stage)
     if t.offload and t.zero_stage == 0:
         fail("train.offload", "false unless train.zero_stage >= 1", t.offload)
-    if t.cpus_per_worker <= 0:
-        fail("train.cpus_per_worker", "a positive number of CPUs", t.cpus_per_worker)
-    if t.checkpoint_every < 0:
-        fail("train.checkpoint_every", "an integer >= 0", t.checkpoint_every)
+    _number("train.cpus_per_worker", t.cpus_per_worker, 0, "a positive number of CPUs", strict=True)
+    _at_least("train.checkpoint_every", t.checkpoint_every, 0)
+    # Ray Train's CheckpointConfig takes num_to_keep >= 1; below that it fails after training.
+    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
     if t.max_failures < -1:
         fail("train.max_failures", "an integer >= 0, or -1 for no limit", t.max_failures)
     if t.epochs is not None and not (t.epochs > 0 and math.isfinite(t.epochs)):
@@ -156,8 +219,8 @@ def validate_train(t: TrainSection) -> None:
 
 def validate_lora(lora: LoraSection) -> None:
     """Rank, dropout and target modules."""
-    if lora.rank < 1:
-        fail("lora.rank", "an integer >= 1", lora.rank)
+    _at_least("lora.rank", lora.rank, 1)
+    _number("lora.alpha", lora.alpha, 0, "a positive number", strict=True)
     if not 0 <= lora.dropout < 1:
         fail("lora.dropout", "a fraction in [0, 1)", lora.dropout)
     if not lora.target_modules:
@@ -172,6 +235,7 @@ def validate_mixture(m: MixtureSection) -> None:
     for name, w in m.weights.items():
         if not (math.isfinite(w) and w >= 0):
             fail(f"mixture.weights.{name}", "a finite weight >= 0", w)
+    _at_least("mixture.epoch_size", m.epoch_size, 1, null_ok=True)
 
 
 def validate_eval(e: EvalSection) -> None:
@@ -184,18 +248,21 @@ def validate_eval(e: EvalSection) -> None:
         fail("eval.decoding", "free | constrained", e.decoding)
     if e.split not in SPLITS:
         fail("eval.split", " | ".join(SPLITS), e.split)
-    if e.max_examples is not None and e.max_examples < 1:
-        fail("eval.max_examples", "an integer >= 1 or null", e.max_examples)
+    _at_least("eval.max_examples", e.max_examples, 1, null_ok=True)
+    _at_least("eval.max_new_tokens", e.max_new_tokens, 1, null_ok=True)
+    _number("eval.cpus_per_actor", e.cpus_per_actor, 0, "a positive number of CPUs", strict=True)
+    _number("eval.gpus_per_actor", e.gpus_per_actor, 0, "a number of GPUs >= 0")
+    if e.score != "mean" and e.score.count("/") < 1:
+        fail("eval.score", "mean, or SOURCE/METRIC (e.g. ncbi_disease/f1)", e.score)
 
 
 def validate_tune(tu: TuneSection) -> None:
     """The search's own settings and the form of each ``tune.space`` entry (its key is checked
     against the schema in :func:`validate_tune_space`)."""
-    for key, value in (("tune.num_samples", tu.num_samples), ("tune.reduction_factor", tu.reduction_factor)):
-        if value < 1:
-            fail(key, "an integer >= 1", value)
-    if tu.max_concurrent_trials is not None and tu.max_concurrent_trials < 1:
-        fail("tune.max_concurrent_trials", "an integer >= 1 or null", tu.max_concurrent_trials)
+    _at_least("tune.num_samples", tu.num_samples, 1)
+    # ASHA keeps the top 1/reduction_factor at each rung: 1 would keep every trial (Ray refuses it).
+    _at_least("tune.reduction_factor", tu.reduction_factor, 2)
+    _at_least("tune.max_concurrent_trials", tu.max_concurrent_trials, 1, null_ok=True)
     if tu.scheduler not in ("asha", "fifo"):
         fail("tune.scheduler", "asha | fifo", tu.scheduler)
     if tu.search not in ("random", "optuna"):
@@ -206,8 +273,7 @@ def validate_tune(tu: TuneSection) -> None:
         fail("tune.rank", "a non-empty list of ranks >= 1, or null", tu.rank)
     if not (0 <= tu.mixture_low <= 1):
         fail("tune.mixture_low", "a factor in [0, 1]", tu.mixture_low)
-    if tu.grace_steps is not None and tu.grace_steps < 1:
-        fail("tune.grace_steps", "an integer >= 1 or null", tu.grace_steps)
+    _at_least("tune.grace_steps", tu.grace_steps, 1, null_ok=True)
     if not (tu.trial_cpus > 0 and math.isfinite(tu.trial_cpus)):
         fail("tune.trial_cpus", "a positive number of CPUs (Tune needs a non-empty bundle)", tu.trial_cpus)
     for key, spec in tu.space.items():
@@ -217,6 +283,15 @@ def validate_tune(tu: TuneSection) -> None:
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
             fail(where, f"{kind}: a list" + ("" if kind == "choice" else " [low, high]"), args)
+        if kind != "choice" and not _is_range(args, positive=kind == "loguniform"):
+            fail(where, f"{kind}: [low, high], numbers with " + ("0 < " if kind == "loguniform" else "")
+                 + "low <= high", args)
+
+
+def _is_range(args: list, positive: bool) -> bool:
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args):
+        return False
+    return args[0] <= args[1] and (args[0] > 0 or not positive)
 
 
 def validate_mixture_weights(cfg: Config) -> None:
@@ -232,6 +307,22 @@ def validate_mixture_weights(cfg: Config) -> None:
     keys_used = {s.name if m.by == "source" else s.task for s in sources if "train" in s.files}
     if m.weights and keys_used and all(m.weight(k) == 0 for k in keys_used):
         fail("mixture.weights", "at least one positive weight", m.weights)
+
+
+def validate_eval_score(cfg: Config) -> None:
+    """``eval.score``: mean, or SOURCE/METRIC naming a source and a metric its task reports.
+
+    Checked here, not when the first checkpoint is scored after training.
+    """
+    score, sources = cfg.eval.score, cfg.corpus.sources
+    if score == "mean" or not sources:
+        return
+    name, _, metric = score.rpartition("/")
+    tasks = {s.name: s.task for s in sources}
+    if name not in tasks:
+        fail("eval.score", f"mean, or SOURCE/METRIC with SOURCE among {sorted(tasks)}", score)
+    if metric not in TASK_METRICS[tasks[name]]:
+        fail("eval.score", f"a metric of {name} ({tasks[name]}): {', '.join(TASK_METRICS[tasks[name]])}", score)
 
 
 def validate_tune_space(cfg: Config) -> None:

@@ -1,22 +1,28 @@
 """The corpus stage: source files -> instruction records -> Parquet shards + manifest.
 
 ``build`` writes a corpus, ``read`` reads one back, ``templates`` holds the instructions and the
-prompt layout (rendered and encoded the same way for training and for scoring).
+prompt layout (rendered and encoded the same way for training and for scoring), ``sources`` the
+parsers and the checks on source files, ``sample`` the embedded sample corpus.
+
+The names below load on first use: ``build`` and ``read`` import Ray, and a job checks its inputs
+(``sources``, ``sample``, ``templates``) before Ray starts, so a typo costs a second.
 """
 
-from bioray.corpus.build import CORPUS_VERSION, build_corpus, content_hash
-from bioray.corpus.read import corpus_dataset, read_manifest, read_records, read_row_groups
-from bioray.corpus.templates import encode_prompt, instruction_set, render_prompt
+from __future__ import annotations
 
-__all__ = [
-    "CORPUS_VERSION",
-    "build_corpus",
-    "content_hash",
-    "corpus_dataset",
-    "encode_prompt",
-    "instruction_set",
-    "read_manifest",
-    "read_records",
-    "read_row_groups",
-    "render_prompt",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "CORPUS_VERSION": "build", "build_corpus": "build", "content_hash": "build",
+    "corpus_dataset": "read", "read_manifest": "read", "read_records": "read", "read_row_groups": "read",
+    "encode_prompt": "templates", "instruction_set": "templates", "render_prompt": "templates",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'bioray.corpus' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bioray.corpus.{_WHERE[name]}"), name)

@@ -32,7 +32,8 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from bioray.config import DATA_ENV, Config, SourceConfig, data_root
+from bioray import tempdirs
+from bioray.config import Config, SourceConfig
 from bioray.corpus import sources
 from bioray.corpus.read import LIGHT_CPUS, MANIFEST, SCHEMA, read_manifest
 from bioray.corpus.templates import NLI_LABELS, draw, instruction_set
@@ -53,6 +54,8 @@ _ROW_GROUP_ROWS = 1024
 _HASH_BLOCK = 1 << 20
 
 REJECTED = "rejected.jsonl"
+TMP_NAME = ".corpus-tmp"  # a build in progress (bioray.tempdirs naming)
+OLD_NAME = ".corpus-old"  # the corpus it replaces, until the new one is in place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,25 +104,13 @@ def content_hash(cfg: Config) -> str:
     """Hash of everything a corpus depends on: files, source configs, template, seed."""
     h = hashlib.sha256()
     head = {"version": CORPUS_VERSION, "seed": cfg.run.seed, "template": cfg.corpus.template,
-            "sources": [_source_dict(s) for s in cfg.corpus.sources]}
+            "max_line_bytes": cfg.corpus.max_line_bytes, "sources": [_source_dict(s) for s in cfg.corpus.sources]}
     h.update(json.dumps(head, sort_keys=True).encode())
     for s in cfg.corpus.sources:
         for split in sorted(s.files):
             h.update(f"\0{s.name}/{split}\0".encode())
             _hash_path(h, Path(s.files[split]))
     return h.hexdigest()
-
-
-def _check_files(cfg: Config) -> None:
-    root = data_root()
-    for i, s in enumerate(cfg.corpus.sources):
-        for split, path in s.files.items():
-            if not Path(path).exists():
-                # A path under the data root is most likely a public corpus not fetched yet.
-                hint = f" (under {DATA_ENV}={root}: `bioray data fetch NAME` downloads the public corpora there)" \
-                    if Path(path).resolve().is_relative_to(root) else ""
-                raise DataError(f"config key 'corpus.sources[{i}].files.{split}': "
-                                f"file not found: {path}{hint}")
 
 
 def _plan(cfg: Config) -> list[_Chunk]:
@@ -187,8 +178,8 @@ def _place(chunks: list[_Chunk], counts: Optional[dict[str, int]] = None) -> lis
 # ---------------------------------------------------------------- read tasks
 
 
-def _records(chunk: _Chunk, source: dict, instructions: list[str], seed: int,
-             side: Path) -> Iterator[pa.Table]:
+def _records(chunk: _Chunk, source: dict, instructions: list[str], seed: int, side: Path,
+             max_line_bytes: int) -> Iterator[pa.Table]:
     """A read task: parses one range, yields Arrow blocks, writes its side files.
 
     Rejections and counts leave through files in ``side`` (inside the corpus's temporary
@@ -198,7 +189,7 @@ def _records(chunk: _Chunk, source: dict, instructions: list[str], seed: int,
     fmt, task, name, split = source["format"], source["task"], chunk.name, chunk.split
     path = Path(chunk.path)
     if sources.splittable(chunk.layout):
-        lines = sources.iter_lines(path, chunk.start, chunk.end, chunk.first_line)
+        lines = sources.iter_lines(path, chunk.start, chunk.end, chunk.first_line, max_line_bytes)
     else:
         lines = sources.table_rows(path, chunk.layout, _BLOCK_ROWS)
     index, rejected, labels = chunk.first_index, 0, set()
@@ -249,7 +240,7 @@ class CorpusDatasource(Datasource):
         for c in self._chunks:
             s = self._cfg.corpus.sources[c.source]
             fn = functools.partial(_records, c, _source_dict(s), instruction_set(s, c.source),
-                                   self._cfg.run.seed, self._side)
+                                   self._cfg.run.seed, self._side, self._cfg.corpus.max_line_bytes)
             meta = BlockMetadata(num_rows=None, size_bytes=3 * (c.end - c.start) or None,
                                  input_files=[c.path], exec_stats=None)
             tasks.append(ReadTask(fn, meta, schema=SCHEMA, per_task_row_limit=per_task_row_limit))
@@ -322,6 +313,20 @@ def _check_rejections(cfg: Config, splits: dict, rejected_file: Path) -> None:
                                 f"above corpus.max_rejected_fraction={limit:g})")
 
 
+def _check_counts(cfg: Config, splits: dict) -> None:
+    """Fails on a split that made no record and rejected none: a file of blank lines, say.
+
+    Args:
+        splits: ``{source name: {split: {"records", "rejected", "file"}}}`` (the manifest's shape).
+    """
+    for i, s in enumerate(cfg.corpus.sources):
+        for split in s.files:
+            st = splits[s.name][split]
+            if st["records"] == 0 and st["rejected"] == 0:
+                raise DataError(f"config key 'corpus.sources[{i}].files.{split}': {st['file']} holds no records "
+                                f"(only blank or -DOCSTART- lines)")
+
+
 def _split_stats(manifest: dict) -> dict:
     return {name: src["splits"] for name, src in manifest["sources"].items()}
 
@@ -386,8 +391,9 @@ def _cluster_cpus() -> int:
 
 def _swap_in(tmp: Path, final: Path) -> None:
     # POSIX cannot swap two directories atomically; the old corpus moves aside only once
-    # the new one is complete, so a crash leaves either intact (plus a stale folder).
-    old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
+    # the new one is complete, so a crash leaves either intact (plus a stale folder, which the
+    # next build removes: bioray.tempdirs).
+    old = final.with_name(tempdirs.prefix(OLD_NAME) + uuid.uuid4().hex[:8])
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -395,9 +401,24 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def _clean_stale(run_dir: Path) -> None:
-    for p in run_dir.glob(".corpus-*"):
-        logger.info("removing %s left by an interrupted corpus build", p)
-        shutil.rmtree(p, ignore_errors=True)
+    for name in (TMP_NAME, OLD_NAME):
+        tempdirs.clean_stale(run_dir, name)
+
+
+def _up_to_date(final: Path, digest: str) -> Optional[dict]:
+    """The corpus's manifest if it was built from exactly these inputs; None if it must be built.
+
+    A manifest that cannot be read (a truncated write, an edit) means the corpus must be built
+    again, not a failed job.
+    """
+    if not (final / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(final)
+    except DataError as e:
+        logger.warning("%s; building the corpus again", e)
+        return None
+    return manifest if manifest.get("content_hash") == digest else None
 
 
 def build_corpus(cfg: Config, force: bool = False) -> Path:
@@ -422,20 +443,17 @@ def build_corpus(cfg: Config, force: bool = False) -> Path:
     """
     run_dir = Path(cfg.run.dir).resolve()
     final = run_dir / "corpus"
-    _check_files(cfg)
-    for i, s in enumerate(cfg.corpus.sources):
-        instruction_set(s, i)  # a config error (e.g. no entity) fails before any work
+    sources.check_sources(cfg)
     digest = content_hash(cfg)
-    if not force and (final / MANIFEST).is_file():
-        manifest = read_manifest(final)
-        if manifest.get("content_hash") == digest:
-            # The threshold is not part of the hash: a stricter one still fails on reuse.
-            _check_rejections(cfg, _split_stats(manifest), final / REJECTED)
-            logger.info("corpus up to date: %s", final)
-            return final
+    manifest = None if force else _up_to_date(final, digest)
+    if manifest is not None:
+        # The threshold is not part of the hash: a stricter one still fails on reuse.
+        _check_rejections(cfg, _split_stats(manifest), final / REJECTED)
+        logger.info("corpus up to date: %s", final)
+        return final
     run_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale(run_dir)
-    tmp = run_dir / f".corpus-tmp-{uuid.uuid4().hex[:8]}"
+    tmp = tempdirs.make(run_dir, TMP_NAME)
     failed_rejections = run_dir / "corpus.rejected.jsonl"
     started = time.perf_counter()
     try:
@@ -446,6 +464,7 @@ def build_corpus(cfg: Config, force: bool = False) -> Path:
             shutil.copyfile(tmp / REJECTED, failed_rejections)
             logger.error("all rejected lines: %s", failed_rejections)
             raise
+        _check_counts(cfg, _split_stats(manifest))
         # The manifest is written last: its presence marks a complete corpus.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _swap_in(tmp, final)

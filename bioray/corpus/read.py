@@ -36,12 +36,19 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     """The corpus's ``manifest.json`` as a dict.
 
     Raises:
-        DataError: the folder holds no manifest (not a built corpus).
+        DataError: the folder holds no manifest (not a built corpus), or one that is not valid JSON.
     """
     path = Path(corpus_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: no corpus manifest (build the corpus with jobs/prepare.py)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
+        raise DataError(f"{path}: not a complete corpus manifest (cut short?); build the corpus again with "
+                        f"jobs/prepare.py")
+    return manifest
 
 
 def shard_paths(corpus_dir: str | Path) -> list[str]:

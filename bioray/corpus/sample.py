@@ -13,11 +13,18 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
+
+from bioray import tempdirs
+from bioray.errors import ConfigError
 
 SAMPLE_VERSION = "1"
 SPLIT_SIZES = {"train": 480, "validation": 80}
+STAMP = "VERSION"
+# Every name a sample folder holds: a folder holding anything else is not bioray's to replace.
+SAMPLE_FILES = frozenset({STAMP} | {f"{kind}_{split}.{ext}" for split in SPLIT_SIZES
+                                    for kind, ext in (("ner", "tsv"), ("re", "jsonl"), ("nli", "jsonl"))})
+TMP_NAME, OLD_NAME = ".sample-tmp", ".sample-old"
 
 _DISEASES = [
     ["asthma"], ["diabetes"], ["cancer"], ["anemia"], ["hepatitis"], ["lupus"],
@@ -98,6 +105,33 @@ def _write_nli(path: Path, n: int, rng: random.Random) -> None:
                                 "gold_label": label}) + "\n")
 
 
+def check_sample_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` already holds this version of the sample; refuses a folder that is not bioray's.
+
+    A folder bioray may replace holds its stamp (``VERSION``) and nothing but sample files: pointing
+    ``corpus.sample_dir`` at a real data folder must not lose that folder.
+
+    Raises:
+        ConfigError: ``directory`` is a file, or a folder with anything bioray did not write.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return False
+    key = "config key 'corpus.sample_dir'"
+    if not directory.is_dir():
+        raise ConfigError(f"{key}: {directory} is a file; expected a folder for bioray's sample files")
+    names = {p.name for p in directory.iterdir()}
+    if not names:
+        return False
+    new = "point corpus.sample_dir at a new folder (bioray replaces its sample folder whole)"
+    foreign = sorted(names - SAMPLE_FILES)
+    if foreign:
+        raise ConfigError(f"{key}: {directory} holds files bioray did not write ({', '.join(foreign[:3])}); {new}")
+    if STAMP not in names:
+        raise ConfigError(f"{key}: {directory} is not a sample folder bioray wrote (no {STAMP} file); {new}")
+    return (directory / STAMP).read_text() == SAMPLE_VERSION
+
+
 def write_sample(directory: str | Path) -> Path:
     """Writes the sample source files into ``directory`` unless this version is already there.
 
@@ -106,22 +140,25 @@ def write_sample(directory: str | Path) -> Path:
 
     Returns:
         The directory, as an absolute path.
+
+    Raises:
+        ConfigError: ``directory`` exists and is not a sample folder bioray wrote (:func:`check_sample_dir`).
     """
     directory = Path(directory).resolve()
-    stamp = directory / "VERSION"
-    if stamp.is_file() and stamp.read_text() == SAMPLE_VERSION:
+    if check_sample_dir(directory):
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=directory.parent))
+    for name in (TMP_NAME, OLD_NAME):
+        tempdirs.clean_stale(directory.parent, name)
+    tmp = tempdirs.make(directory.parent, TMP_NAME)
     for offset, (split, n) in enumerate(SPLIT_SIZES.items()):
         # One generator per file, seeded by its name: files do not depend on each other.
         _write_ner(tmp / f"ner_{split}.tsv", n, random.Random(f"ner-{split}-{offset}"))
         _write_re(tmp / f"re_{split}.jsonl", n, random.Random(f"re-{split}-{offset}"))
         _write_nli(tmp / f"nli_{split}.jsonl", n, random.Random(f"nli-{split}-{offset}"))
-    (tmp / "VERSION").write_text(SAMPLE_VERSION)
+    (tmp / STAMP).write_text(SAMPLE_VERSION)
     if directory.exists():
-        # An older version: replace it whole (the files are ours, generated).
-        old = Path(tempfile.mkdtemp(prefix=".sample-old-", dir=directory.parent))
+        # An older version, or empty: replace it whole (check_sample_dir: the files are ours, generated).
+        old = tempdirs.make(directory.parent, OLD_NAME)
         os.replace(directory, old / "d")
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)

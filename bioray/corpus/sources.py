@@ -10,16 +10,25 @@ batches instead; their "line" is the 1-based row number.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional
 
-from bioray.corpus.templates import NLI_LABELS
+from bioray.config import DATA_ENV, data_root
+from bioray.corpus.templates import NLI_LABELS, instruction_set
+from bioray.errors import DataError
+
+if TYPE_CHECKING:
+    from bioray.config import Config
 
 # IOB2 tags: O, or B/I with an optional type (B-Disease, I-protein, B).
 _TAG = re.compile(r"(?:([BI])(?:-(\S+))?|O)")
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TSV_SUFFIXES = (".tsv", ".txt")
+# Most characters of a source's own text a rejection quotes: corpora may hold patient text, and
+# rejected.jsonl and the error line are read by more people than the corpus.
+QUOTE_CHARS = 80
 
 
 class Parsed(NamedTuple):
@@ -37,6 +46,61 @@ class Rejected(NamedTuple):
 
     line: int
     reason: str
+
+
+class Overlong(NamedTuple):
+    """A line longer than ``corpus.max_line_bytes``: skipped unread, in place of its bytes."""
+
+    size: int
+
+
+def quote(value: Any) -> str:
+    """``repr`` of a value from a source file, cut to :data:`QUOTE_CHARS` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{text[:QUOTE_CHARS]!r}... ({len(text)} characters)"
+
+
+# ---------------------------------------------------------------- checks before the build
+
+
+def check_sources(cfg: Config) -> None:
+    """What a corpus build checks before it reads a line; the jobs call it before Ray starts.
+
+    Raises:
+        DataError: a source file is missing, a folder, unreadable or empty.
+        ConfigError: a source's instructions cannot be made (a NER source without an entity).
+    """
+    check_files(cfg)
+    for i, s in enumerate(cfg.corpus.sources):
+        instruction_set(s, i)
+
+
+def check_files(cfg: Config) -> None:
+    """Checks every source file before the build starts: there, a file (or a saved dataset), not empty.
+
+    Raises:
+        DataError: naming the config key and the path.
+    """
+    root = data_root()
+    for i, s in enumerate(cfg.corpus.sources):
+        for split, path in s.files.items():
+            key = f"config key 'corpus.sources[{i}].files.{split}'"
+            p = Path(path)
+            if not p.exists():
+                # A path under the data root is most likely a public corpus not fetched yet.
+                hint = f" (under {DATA_ENV}={root}: `bioray data fetch NAME` downloads the public corpora there)" \
+                    if p.resolve().is_relative_to(root) else ""
+                raise DataError(f"{key}: file not found: {path}{hint}")
+            if p.is_dir():
+                if s.format == "instructions":
+                    continue  # a saved Hugging Face dataset
+                raise DataError(f"{key}: {path} is a folder; expected a {s.format} file")
+            if not os.access(p, os.R_OK):
+                raise DataError(f"{key}: {path} cannot be read (permission denied)")
+            if p.stat().st_size == 0:
+                raise DataError(f"{key}: {path} is empty")
 
 
 # ---------------------------------------------------------------- layouts and chunks
@@ -89,24 +153,41 @@ def boundary(path: Path, offset: int, lay: str) -> int:
         return pos
 
 
-def iter_lines(path: Path, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """Yields ``(line number, raw bytes)`` for the lines that start in [start, end)."""
+def iter_lines(path: Path, start: int, end: int, first_line: int,
+               max_bytes: Optional[int] = None) -> Iterator[tuple[int, bytes | Overlong]]:
+    """Yields ``(line number, raw bytes)`` for the lines that start in [start, end).
+
+    A line longer than ``max_bytes`` is read past in pieces and yielded as :class:`Overlong`, so a
+    file with one huge line (a missing line break, a binary file) never sits in memory whole.
+    """
+    piece = 1 << 20
     with open(path, "rb") as f:
         f.seek(start)
         pos, n = start, first_line
-        for raw in f:
-            if pos >= end:
+        while pos < end:
+            raw = f.readline(max_bytes + 1) if max_bytes is not None else f.readline()
+            if not raw:
                 return
-            pos += len(raw)
-            yield n, raw
+            size = len(raw)
+            if max_bytes is not None and size > max_bytes:
+                while not raw.endswith(b"\n") and raw:
+                    raw = f.readline(piece)
+                    size += len(raw)
+                pos += size
+                yield n, Overlong(size)
+            else:
+                pos += size
+                yield n, raw
             n += 1
 
 
-def _decode(n: int, raw: bytes) -> Optional[str]:
+def _decode(n: int, raw: bytes | Overlong) -> str | Rejected:
+    if isinstance(raw, Overlong):
+        return Rejected(n, f"line is {raw.size} bytes, longer than corpus.max_line_bytes")
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    except UnicodeDecodeError as e:
+        return Rejected(n, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
     if n == 1:
         text = text.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the data
     return text.rstrip("\r\n")
@@ -115,7 +196,7 @@ def _decode(n: int, raw: bytes) -> Optional[str]:
 # ---------------------------------------------------------------- iob
 
 
-def parse_iob(lines: Iterable[tuple[int, bytes]], typed: bool) -> Iterator[Parsed | Rejected]:
+def parse_iob(lines: Iterable[tuple[int, bytes | Overlong]], typed: bool) -> Iterator[Parsed | Rejected]:
     """Sentences of ``token<TAB>tag`` lines; blank lines (any number) separate them.
 
     ``-DOCSTART-`` lines are dropped (they also end a sentence). A sentence with any bad
@@ -127,7 +208,7 @@ def parse_iob(lines: Iterable[tuple[int, bytes]], typed: bool) -> Iterator[Parse
     bad: Optional[Rejected] = None
     for n, raw in lines:
         text = _decode(n, raw)
-        if text is not None and (not text.strip() or _is_docstart(text)):
+        if isinstance(text, str) and (not text.strip() or _is_docstart(text)):
             yield from _flush_sentence(first, tokens, tags, bad, typed)
             tokens, tags, bad = [], [], None
             continue
@@ -142,9 +223,9 @@ def _is_docstart(text: str) -> bool:
     return text.startswith("-DOCSTART-") and text[10:11] in ("", "\t", " ")
 
 
-def _iob_line(n: int, text: Optional[str], tokens: list[str], tags: list[str]) -> Optional[Rejected]:
-    if text is None:
-        return Rejected(n, "not UTF-8 text")
+def _iob_line(n: int, text: str | Rejected, tokens: list[str], tags: list[str]) -> Optional[Rejected]:
+    if isinstance(text, Rejected):
+        return text
     cols = text.split("\t")
     if len(cols) != 2:
         return Rejected(n, f"expected 2 tab-separated columns (token, tag), got {len(cols)}")
@@ -153,9 +234,9 @@ def _iob_line(n: int, text: Optional[str], tokens: list[str], tags: list[str]) -
         return Rejected(n, "empty token")
     if token.split() != [token]:
         # The input joins tokens with spaces; a token holding whitespace would split apart.
-        return Rejected(n, f"token {token!r} contains whitespace")
+        return Rejected(n, f"token {quote(token)} contains whitespace")
     if not _TAG.fullmatch(tag):
-        return Rejected(n, f"tag {tag!r} is not IOB2 (expected O, B, I, B-TYPE or I-TYPE)")
+        return Rejected(n, f"tag {quote(tag)} is not IOB2 (expected O, B, I, B-TYPE or I-TYPE)")
     tokens.append(token)
     tags.append(tag)
     return None
@@ -209,13 +290,12 @@ def _label_map(labels: Optional[dict]) -> Optional[dict[str, str]]:
     return None if labels is None else {str(k): v for k, v in labels.items()}
 
 
-def _text_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str | Rejected]]:
-    """Yields ``(n, text)`` per non-blank line, or ``(n, Rejected)`` for bytes that are not UTF-8."""
+def _text_lines(lines: Iterable[tuple[int, bytes | Overlong]]) -> Iterator[tuple[int, str | Rejected]]:
+    """Yields ``(n, text)`` per non-blank line, or ``(n, Rejected)`` for bytes that are not UTF-8
+    and lines longer than ``corpus.max_line_bytes``."""
     for n, raw in lines:
         text = _decode(n, raw)
-        if text is None:
-            yield n, Rejected(n, "not UTF-8 text")
-        elif text.strip():
+        if isinstance(text, Rejected) or text.strip():
             yield n, text
 
 
@@ -272,7 +352,7 @@ def parse_re(rows: Iterable[tuple[int, Any]], labels: Optional[dict]) -> Iterato
         elif raw is None or not raw.strip():
             yield Rejected(n, "field 'label' is missing or not a string/number")
         elif mapping is not None and raw not in mapping:
-            yield Rejected(n, f"label {raw!r} is not in the source's labels map {sorted(mapping)}")
+            yield Rejected(n, f"label {quote(raw)} is not in the source's labels map {sorted(mapping)}")
         else:
             answer = mapping[raw] if mapping is not None else raw
             yield Parsed(n, sentence, answer, (answer,))
@@ -290,7 +370,7 @@ def parse_nli(rows: Iterable[tuple[int, Any]]) -> Iterator[Parsed | Rejected]:
             yield s1 if isinstance(s1, Rejected) else s2
         elif gold not in NLI_LABELS:
             # "-" marks pairs without annotator consensus (SNLI style): no gold answer.
-            yield Rejected(n, f"gold_label {gold!r} is not one of {', '.join(NLI_LABELS)}")
+            yield Rejected(n, f"gold_label {quote(gold)} is not one of {', '.join(NLI_LABELS)}")
         else:
             yield Parsed(n, f"Premise: {s1}\nHypothesis: {s2}", gold, (gold,))
 
@@ -329,9 +409,9 @@ def _map_labels(n: int, raw: list, mapping: Optional[dict[str, str]]) -> list[st
     for value in raw:
         label = _label_text(value)
         if label is None or not label.strip():
-            return Rejected(n, f"label {value!r} is not a string or number")
+            return Rejected(n, f"label {quote(value)} is not a string or number")
         if mapping is not None and label not in mapping:
-            return Rejected(n, f"label {label!r} is not in the source's labels map {sorted(mapping)}")
+            return Rejected(n, f"label {quote(label)} is not in the source's labels map {sorted(mapping)}")
         words.append(mapping[label] if mapping is not None else label)
     return words
 
