@@ -151,7 +151,7 @@ def run_config(args, attn: str, checkpointing: bool) -> dict:
 
     from bioray.config import from_dict
     from bioray.model import add_lora
-    from bioray.optim import adamw, lr_schedule
+    from bioray.optim import lr_schedule, optimizer
     from bioray.train import _takes_logit_mask, deepspeed_config
 
     shape = TINY if args.tiny else LLAMA3_8B
@@ -183,9 +183,9 @@ def run_config(args, attn: str, checkpointing: bool) -> dict:
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert _takes_logit_mask(model), "this transformers computes every logit: the FLOPs below would be wrong"
     t = cfg.train
-    optimizer = adamw((p for p in model.parameters() if p.requires_grad), t.lr, t.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
-                                           lr_scheduler=lr_schedule(optimizer, t.warmup_steps, t.max_steps),
+    opt = optimizer((p for p in model.parameters() if p.requires_grad), t.optimizer, t.lr, t.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg),
+                                           lr_scheduler=lr_schedule(opt, t.warmup_steps, t.max_steps),
                                            dist_init_required=False)
     build_s = time.perf_counter() - start
     batches = _micro_batches(args, shape["vocab_size"], t.max_steps)

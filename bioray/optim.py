@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import math
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from bioray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_LR_RATE = 0.1  # the cosine ends at 10% of the peak learning rate
 DEFAULT_SCHEDULE = "cosine_floor"  # bioray's own (lr_factor); train.lr_scheduler's default names it
 
 
-def optimizer(params, name: str, lr: float, weight_decay: float, offload: bool = False) -> torch.optim.Optimizer:
+def optimizer(params, name: str, lr: float, weight_decay: float, offload: bool = False) -> "torch.optim.Optimizer":
     """A torch.optim optimizer by class name, or DeepSpeed's CPU Adam where ZeRO offloads the
     optimizer to CPU memory (it keeps the optimizer step on the CPU cores next to the states).
 
@@ -44,6 +46,8 @@ def optimizer_class(name: str) -> type:
     Raises:
         ConfigError: naming ``train.optimizer`` when torch has no such optimizer.
     """
+    import torch  # here, not at import: a bad config must fail before torch loads (bioray.commands)
+
     cls = getattr(torch.optim, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"config key 'train.optimizer': expected a torch.optim optimizer class name "
@@ -59,7 +63,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return MIN_LR_RATE + (1 - MIN_LR_RATE) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, start_step: int = 0,
+def lr_schedule(optimizer: "torch.optim.Optimizer", warmup_steps: int, total_steps: int, start_step: int = 0,
                 name: str = DEFAULT_SCHEDULE):
     """The learning-rate schedule ``name`` as a torch scheduler; ``start_step`` > 0 resumes it where
     a run stopped: the first optimizer step after the call uses the factor of ``start_step``.
@@ -67,6 +71,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps
     ``cosine_floor`` is :func:`lr_factor`; any other name is transformers' ``get_scheduler``
     (``cosine_with_min_lr`` ends at ``MIN_LR_RATE`` of the peak, like bioray's).
     """
+    import torch
+
     if name == DEFAULT_SCHEDULE:
         for group in optimizer.param_groups:
             # What torch's schedulers read when they start at a later step (last_epoch >= 0).

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from bioray._version import __version__
+
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_RAY, CORPUS, TOKENISE = "before Ray starts", "corpus build (Ray)", "tokenising (Ray)"
 SCRIPTS = {"prepare": "prepare.py", "finetune": "finetune.py", "evaluate": "evaluate.py", "tune": "tune.py",
@@ -145,8 +147,9 @@ CASES: dict[str, Case] = {
     "unknown-key": _set(
         "finetune", "a misspelt key", "train.lrr=1e-3",
         "bioray: error: config key 'train.lrr': unknown key (expected one of: checkpoint_every, cpus_per_worker, "
-        "full_finetune, grad_accum, grad_clip, gradient_checkpointing, keep_checkpoints, lr, max_failures, max_steps, "
-        "micro_batch_size, num_workers, offload, report_every, use_gpu, warmup_steps, weight_decay, zero_stage)"),
+        "epochs, full_finetune, grad_accum, grad_clip, gradient_checkpointing, keep_checkpoints, lr, lr_scheduler, "
+        "max_failures, max_steps, micro_batch_size, num_workers, offload, optimizer, precision, report_every, "
+        "use_gpu, warmup_steps, weight_decay, zero_stage)"),
     "wrong-type": _set(
         "tune", "a word where a number goes", "train.lr=fast",
         "bioray: error: config key 'train.lr': expected a number, got 'fast'"),
@@ -347,7 +350,7 @@ CASES: dict[str, Case] = {
     "ckpt-newer": Case(
         "evaluate", "checkpoint", "a checkpoint written by a newer bioray",
         ("--config", "base.yaml", "--checkpoint", "newer", "--set", "model.name_or_path=model"),
-        "bioray: error: {dir}/newer/trainer_state.json: written by bioray 9.0.0, newer than this bioray 0.1.0; "
+        "bioray: error: {dir}/newer/trainer_state.json: written by bioray 9.0.0, newer than this bioray " + __version__ + "; "
         "upgrade bioray to read it",
         files=_folder("newer", _ckpt(bioray_version="9.0.0"))),
     "ckpt-revision": Case(
@@ -361,7 +364,7 @@ CASES: dict[str, Case] = {
         "bioray: error: {dir}/ckpt2: checkpoint folder not found"),
     "export-ckpt-newer": Case(
         "export", "checkpoint", "a checkpoint written by a newer bioray", ("--checkpoint", "newer", "--out", "out"),
-        "bioray: error: {dir}/newer/trainer_state.json: written by bioray 10.2.0, newer than this bioray 0.1.0; "
+        "bioray: error: {dir}/newer/trainer_state.json: written by bioray 10.2.0, newer than this bioray " + __version__ + "; "
         "upgrade bioray to read it",
         files=_folder("newer", _ckpt(bioray_version="10.2.0"))),
     "export-merge-no-base": Case(

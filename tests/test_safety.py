@@ -207,7 +207,8 @@ def test_export_merge_loads_as_the_command_says_never_as_the_checkpoint_says(tmp
 def test_a_checkpoint_of_a_newer_bioray_is_refused(tmp_path):
     from bioray.checkpoint import check_version
 
-    for made, refused in (("0.1.0", False), ("0.0.9", False), ("0.1.1", True), ("1.0.0rc1", True), ("x", False)):
+    # Relative to this bioray (0.2.0 when written): the same and older load, newer is refused.
+    for made, refused in (("0.2.0", False), ("0.1.9", False), ("0.2.1", True), ("1.0.0rc1", True), ("x", False)):
         (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 1, "bioray_version": made}))
         if refused:
             with pytest.raises(CheckpointError, match=f"written by bioray {made}, newer than this bioray"):
