@@ -171,7 +171,7 @@ def script(name: str) -> Callable[[], None]:
 def parser() -> argparse.ArgumentParser:
     """The ``bioray`` command's parser: one subcommand per job, ``data fetch`` under ``data``."""
     top = cli.ArgumentParser(prog="bioray", description="Instruction-tune LLMs for biomedical NLP on Ray. "
-                                  "Each command takes the arguments of its jobs/*.py script.")
+                             "Each command takes the arguments of its jobs/*.py script.")
     subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}
     for name, command in COMMANDS.items():

@@ -400,3 +400,19 @@ def test_bioray_starts_local_ray_with_token_auth_and_a_private_token(tmp_path, m
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(BiorayError, match="RAY_AUTH_MODE=disabled: bioray runs Ray with token authentication only"):
         cli.check_auth_mode()
+
+
+def test_the_secret_scan_finds_a_planted_secret(tmp_path):
+    # Guards the e2e scans (tests/test_e2e.py, tests/test_tune.py): they prove nothing if this misses.
+    import base64
+
+    from conftest import PLANTED_SECRETS, assert_no_secrets
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "clean.bin").write_bytes(b"\0" * 1000)
+    assert assert_no_secrets([tmp_path], ["nothing here"]) == 1
+    (tmp_path / "a" / "events.bin").write_bytes(b"\0" + base64.b64encode(b"scanpass") + b"\0")
+    with pytest.raises(AssertionError, match="events.bin"):
+        assert_no_secrets([tmp_path])
+    with pytest.raises(AssertionError, match="output 0"):
+        assert_no_secrets([], [f"token {PLANTED_SECRETS['HF_TOKEN']}"])
