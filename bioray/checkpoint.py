@@ -132,9 +132,13 @@ def check_version(directory: str | Path) -> None:
         CheckpointError: the checkpoint names a newer bioray version.
     """
     path = Path(directory) / STATE_FILE
-    made = _read_json(path).get("bioray_version")
+    check_made_by(_read_json(path).get("bioray_version"), str(path))
+
+
+def check_made_by(made: object, where: str) -> None:
+    """:func:`check_version` for a version already read (``where`` names the file, a path or a URI)."""
     if isinstance(made, str) and _version_key(made) > _version_key(__version__):
-        raise CheckpointError(f"{path}: written by bioray {made}, newer than this bioray {__version__}; "
+        raise CheckpointError(f"{where}: written by bioray {made}, newer than this bioray {__version__}; "
                               f"upgrade bioray to read it")
 
 

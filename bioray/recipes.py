@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from bioray.checkpoint import CONFIG_FILE, check_base, check_base_exists, check_revision, first_difference, verify
-from bioray.config import Config, dump, to_dict
+from bioray.checkpoint import (CONFIG_FILE, STATE_FILE, check_base, check_base_exists, check_made_by, check_revision,
+                               first_difference, verify)
+from bioray.config import Config, dump, from_dict, to_dict
 from bioray.corpus.sources import quote
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
@@ -199,10 +200,14 @@ def check_resume(cfg: Config) -> str | None:
         log.info("starting afresh: moved the earlier checkpoints to %s", move_aside(root))
         return None
     try:
-        saved = yaml.safe_load(read_text(f"{latest}/{CONFIG_FILE}"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        raise CheckpointError(f"{latest}: cannot read its {CONFIG_FILE}; pass --fresh to start afresh") from None
-    diff = first_difference(saved or {}, yaml.safe_load(dump(cfg)))
+        state = json.loads(read_text(f"{latest}/{STATE_FILE}"))
+        check_made_by(state.get("bioray_version") if isinstance(state, dict) else None, f"{latest}/{STATE_FILE}")
+        # Through the schema, so a key the checkpoint's bioray predates reads as its default.
+        saved = from_dict(yaml.safe_load(read_text(f"{latest}/{CONFIG_FILE}")) or {})
+    except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError, ConfigError):
+        raise CheckpointError(f"{latest}: cannot read its {CONFIG_FILE} or {STATE_FILE}; pass --fresh to start "
+                              f"afresh") from None
+    diff = first_difference(yaml.safe_load(dump(saved)), yaml.safe_load(dump(cfg)))
     if diff is not None:
         key, was, now = diff
         raise ConfigError(f"config key '{key}': {now!r} here, but the run being resumed in {latest} has {was!r}; "

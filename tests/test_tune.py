@@ -59,16 +59,17 @@ def search(tmp_path_factory, cache_dir):
     assert finished, "no trial finished before the search was stopped"
     os.killpg(first.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
     first.wait(timeout=60)
-    # Trials cut off mid-way that had made a checkpoint: they must go on from it, not from step 0.
-    cut = {p.parent.parent.name for p in (run_dir / "tune" / "trials").glob("*/checkpoints/step-*/trainer_state.json")
-           if not (p.parent.parent.parent / "result.json").exists()}
+    # Trials cut off mid-way that had made a checkpoint: if they train again, they go on from it.
+    cut = {p.parents[2]: (p.parents[2] / "metrics.jsonl").stat().st_mtime
+           for p in (run_dir / "tune" / "trials").glob("*/checkpoints/step-*/trainer_state.json")
+           if not (p.parents[2] / "result.json").exists()}
     resumed = run_job(*_args(run_dir, cache_dir), timeout=1200, env=PLANTED_SECRETS)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     return run_dir, finished, resumed, cut
 
 
 def test_no_secret_leaves_the_environment(search, cache_dir):
-    run_dir, _, resumed = search
+    run_dir, _, resumed, _ = search
     first = (run_dir.parent / "first.out").read_text(errors="replace")
     assert assert_no_secrets([run_dir, cache_dir], [first, resumed.stdout, resumed.stderr]) > 20
 
@@ -111,8 +112,11 @@ def test_the_scheduler_sees_task_scores_during_training(search):
 def test_a_killed_search_resumes_without_rerunning_finished_trials(search, cache_dir):
     run_dir, finished, resumed, cut = search
     assert "resuming the search" in resumed.stdout + resumed.stderr
-    if cut:  # a trial killed after a checkpoint continued from it
-        assert "resumed at step" in resumed.stdout, cut
+    # A trial killed after a checkpoint that trained again (ASHA may have stopped it before the
+    # kill) continued from its checkpoint, not from step 0.
+    went_on = [d.name for d, mtime in cut.items() if (d / "metrics.jsonl").stat().st_mtime != mtime]
+    if went_on:
+        assert "resumed at step" in resumed.stdout, went_on
     for path, mtime in finished.items():
         assert path.stat().st_mtime == mtime, f"{path.parent.name} ran again"
     again = run_job(*_args(run_dir, cache_dir), timeout=600)
