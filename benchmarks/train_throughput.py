@@ -256,6 +256,7 @@ def _reference_worker(spec: dict, result: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model.config.use_cache = False  # no KV cache while training (LLaMA-Factory sets this too; bioray passes it)
     model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
     data = datasets.Dataset.from_parquet(spec["reference_data"])
@@ -374,7 +375,7 @@ def _summary(spec: dict, runs: dict, args, wall: float, loads: list) -> dict:
                          "DataCollatorForSeq2Seq(padding='longest', label_pad_token_id=-100); the rows of "
                          "bioray_unpacked's window in the same order (SequentialSampler, accelerate's batch "
                          "sharding); logging, saving, evaluation and tqdm off; TrainerCallback timestamps each "
-                         "step end; the Trainer's defaults otherwise (average_tokens_across_devices, use_cache)",
+                         "step end; use_cache off; the Trainer's defaults otherwise (e.g. average_tokens_across_devices)",
             "bioray": "ray.init(num_cpus=2); bioray.data.training_dataset (mix, shuffle, first-fit-decreasing "
                       "packing into 256-token rows, position_ids restarting per example, no attention mask); "
                       "bioray.train.fit: TorchTrainer, 2 workers x 1 CPU, gloo, peft LoRA, deepspeed.initialize; "
