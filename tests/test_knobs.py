@@ -1,5 +1,5 @@
 """The knobs Axolotl and LLaMA-Factory users reach for: epochs, scheduler and optimizer by name,
-precision, attention implementation."""
+precision, attention implementation; and bioray's own LR schedule, resumable like every other."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 from bioray.config import Config, from_dict, to_dict
 from bioray.config.validate import LR_SCHEDULERS
 from bioray.errors import ConfigError
-from bioray.optim import MIN_LR_RATE, lr_schedule, optimizer, optimizer_class
+from bioray.optim import MIN_LR_RATE, lr_factor, lr_schedule, optimizer, optimizer_class
 
 
 def _cfg(**train):
@@ -31,16 +31,26 @@ def test_every_scheduler_name_is_transformers_own():
     assert set(LR_SCHEDULERS) - {"cosine_floor"} <= {s.value for s in SchedulerType}
 
 
-def _lrs(name, start=0, total=50):
+def _lrs(name="cosine_floor", start=0, total=50, warmup=5, peak=1.0):
+    """The learning rate of every step from ``start`` on, as the optimizer sees it."""
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = lr_schedule(opt, 5, total, start, name)
+    opt = torch.optim.SGD([p], lr=peak)
+    sched = lr_schedule(opt, warmup, total, start, name)
     out = []
     for _ in range(total - start):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     return out
+
+
+def test_bioray_schedule_warms_up_from_a_step_then_cosines_to_a_tenth():
+    lrs = _lrs(warmup=10, total=120, peak=2.0)
+    assert lrs[0] == pytest.approx(2.0 / 10)  # the first step trains (transformers' warmup starts at 0)
+    assert lrs[9] == pytest.approx(2.0) and max(lrs) == pytest.approx(2.0)
+    assert lrs[-1] == pytest.approx(2.0 * (MIN_LR_RATE + (1 - MIN_LR_RATE) * 0.5 * (1 + math.cos(math.pi * 109 / 110))))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_factor(500, 10, 120) == pytest.approx(MIN_LR_RATE)  # past the end it stays at the floor
 
 
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
