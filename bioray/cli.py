@@ -41,13 +41,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (usage: {self.prog} --help)")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every job takes: ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet``, ``--fresh``."""
-    p = ArgumentParser(description=description)
-    add_config_arguments(p)
-    return p
-
-
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """Adds ``--config``, repeatable ``--set KEY=VALUE``, ``--quiet`` and ``--fresh`` to a job's parser."""
     p.add_argument("--config", default=None, metavar="FILE|NAME",
