@@ -90,11 +90,14 @@ def test_an_installed_wheel_runs_the_quickstart_from_an_empty_folder(tmp_path):
     run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)
     python = venv / "bin" / "python"
     # --system-site-packages sees the base interpreter's packages, not a venv's: point the new venv at
-    # this environment's site-packages too (a .pth line; .pth files in that folder are not run, so
-    # an editable install of the checkout there stays invisible).
+    # this environment's site-packages folders too (a .pth line each; .pth files in those folders are not
+    # run, so an editable install of the checkout there stays invisible).
     site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
-    Path(site, "_bioray_test_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel)
+    parents = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    Path(site, "_bioray_test_parent.pth").write_text("".join(p + "\n" for p in parents))
+    # --ignore-installed: where this environment holds bioray as a plain install (CI's `pip install .`), pip
+    # would see it through the .pth line, call the wheel "already satisfied" and install nothing.
+    run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel)
 
     empty = tmp_path / "empty"
     empty.mkdir()
