@@ -73,7 +73,8 @@ def run_report(cfg: Config, result: dict, records: list[dict], curves: str | Non
     lines += [f"Scores of the best checkpoint on the **{result.get('split', cfg.eval.split)}** split "
               f"({'all' if n is None else f'at most {n}'} examples per source, {cfg.eval.decoding} decoding), "
               "in percent." + (" Reference columns are the published numbers in each source's `reference` "
-                               "(the paper's and the encoder baseline's; the paper reports the test split)."
+                               "(Rohanian et al. 2024's Llama-2 7B/13B and the encoder baseline, as published; their "
+                               "released evaluation reads the devel splits)."
                                if refs else ""), ""]
     lines += [score_table(cfg, result.get("eval", {}), result.get("split")), ""]
     if curves:

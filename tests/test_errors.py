@@ -181,6 +181,9 @@ CASES: dict[str, Case] = {
     "max-seq-len": _set(
         "prepare", "sequences of 8 tokens", "data.max_seq_len=8",
         "bioray: error: config key 'data.max_seq_len': expected an integer >= 16, got 8"),
+    "pretrain-on": _set(
+        "finetune", "a tiny base pretrained on text bioray does not know", "model.tiny.pretrain_on=answers",
+        "bioray: error: config key 'model.tiny.pretrain_on': expected inputs | prompts | records, got 'answers'"),
     "seed": _set(
         "prepare", "a negative seed", "run.seed=-1",
         "bioray: error: config key 'run.seed': expected an integer >= 0, got -1"),

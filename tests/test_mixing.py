@@ -155,3 +155,36 @@ def test_tokenised_cache_is_reused_and_keyed_by_what_shapes_it(tmp_path, caplog)
     assert meta3["sources"]["ner"]["records"] + meta3["sources"]["ner"]["dropped_overlong"] == 480
     table = pq.read_table(cache / "data")
     assert set(table.column_names) >= {"id", "source", "input_ids", "labels"}
+
+
+def test_tiny_base_text_holds_no_answer_unless_asked_and_every_held_out_record_is_scored(tmp_path):
+    # pretrain_on: inputs (the default) and prompts never show the base an answer line; records does.
+    from bioray.corpus import build_corpus, read_manifest, read_records
+    from bioray.corpus.sample import write_sample
+    from bioray.evaluate.pool import eval_items
+    from bioray.model import _corpus_texts
+
+    sample = write_sample(tmp_path / "sample")
+    sources = [{"name": "ner", "format": "iob", "task": "ner", "entity": "disease",
+                "files": {"train": str(sample / "ner_train.tsv"), "validation": str(sample / "ner_validation.tsv")}},
+               {"name": "nli", "format": "nli", "task": "nli",
+                "files": {"train": str(sample / "nli_train.jsonl"), "validation": str(sample / "nli_validation.jsonl")}}]
+    cfg = from_dict({"run": {"dir": str(tmp_path / "run"), "quiet": True}, "corpus": {"sources": sources},
+                     "eval": {"max_examples": None}})
+    assert cfg.model.tiny.pretrain_on == "inputs"
+    corpus = build_corpus(cfg)
+    manifest = read_manifest(corpus)
+    records = read_records(corpus, "ner", "train") + read_records(corpus, "nli", "train")
+    answer_lines = {line for r in records for line in r["output"].splitlines()}
+    assert any(" : B" in line for line in answer_lines) and "entailment" in answer_lines
+    for what in ("inputs", "prompts"):
+        texts = _corpus_texts(cfg, corpus, manifest, what)
+        assert len(texts) == len(records) == 960
+        assert not [line for t in texts for line in t.splitlines() if line in answer_lines], what
+    assert sorted(_corpus_texts(cfg, corpus, manifest)) == sorted(r["input"] for r in records)
+    full = _corpus_texts(cfg, corpus, manifest, "records")
+    assert sum(line in answer_lines for t in full for line in t.splitlines()) > len(records)
+    # eval.max_examples: null (configs/ner-real.yaml) scores every held-out record of every source.
+    items = eval_items(cfg, corpus)
+    assert len(items) == sum(i["splits"]["validation"]["records"] for i in manifest["sources"].values()) == 160
+    assert len({i["id"] for i in items}) == 160

@@ -83,6 +83,8 @@ class TinyModelSection:
     """Decoder layers."""
     num_heads: int = 4
     """Attention heads."""
+    pretrain_on: str = "inputs"
+    """Train-split text pretraining reads: inputs (each record's input text) | prompts (instruction and input laid out by corpus.template) | records (prompt and answer). The tokenizer reads the prompts (the records with records). inputs and prompts never show an answer, so scores measure what fine-tuning taught; with records the base already does the task."""
     pretrain_steps: int = 500
     """Full-parameter causal-LM steps on the corpus text before LoRA (random bases learn nothing)."""
     pretrain_batch_size: int = 8

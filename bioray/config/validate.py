@@ -31,6 +31,7 @@ FORMAT_TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls
 LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRETRAIN_TEXTS = ("inputs", "prompts", "records")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
 # What eval.json reports per task (bioray.evaluate.metrics.score_source; a test keeps them equal):
 # eval.score may name any of them as SOURCE/METRIC.
@@ -166,6 +167,8 @@ def validate_model(m: ModelSection) -> None:
     if t.hidden_size % t.num_heads:
         fail("model.tiny.hidden_size", f"a multiple of model.tiny.num_heads ({t.num_heads})", t.hidden_size)
     _number("model.tiny.pretrain_lr", t.pretrain_lr, 0, "a positive learning rate", strict=True)
+    if t.pretrain_on not in PRETRAIN_TEXTS:
+        fail("model.tiny.pretrain_on", " | ".join(PRETRAIN_TEXTS), t.pretrain_on)
     if m.revision is not None and (not m.revision.strip() or m.name_or_path == "tiny"):
         fail("model.revision", "null, or a hub branch, tag or commit for a hub model", m.revision)
 
