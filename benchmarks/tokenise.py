@@ -57,7 +57,7 @@ def _tokenizer(cfg, corpus_dir: Path, out: Path, vocab_size: int = 8192) -> str:
     from bioray.model import _corpus_texts, _train_tokenizer
     from bioray.corpus import read_manifest
 
-    tok = _train_tokenizer(_corpus_texts(cfg, corpus_dir, read_manifest(corpus_dir)), vocab_size)
+    tok = _train_tokenizer(_corpus_texts(cfg, corpus_dir, read_manifest(corpus_dir), "prompts"), vocab_size)
     tok.save_pretrained(out)
     return str(out)
 

@@ -141,7 +141,7 @@ def test_tokenised_cache_is_reused_and_keyed_by_what_shapes_it(tmp_path, caplog)
            "data": {"cache_dir": str(tmp_path / "cache"), "max_seq_len": 256, "tokenise_actors": 1}}
     cfg = from_dict(raw)
     corpus = build_corpus(cfg)
-    tok = _train_tokenizer(_corpus_texts(cfg, corpus, read_manifest(corpus)), 512)
+    tok = _train_tokenizer(_corpus_texts(cfg, corpus, read_manifest(corpus), "prompts"), 512)  # as build_tiny does
     tok.save_pretrained(tmp_path / "tok")
     cache, meta = tokenise(cfg, corpus, str(tmp_path / "tok"))
     assert meta["tokenised_now"] == 480 and meta["sources"]["ner"]["records"] == 480
