@@ -30,6 +30,7 @@ from bioray import tempdirs
 from bioray.config import Config
 from bioray.corpus.read import LIGHT_CPUS
 from bioray.errors import ConfigError, DataError
+from bioray.storage import file_task_options
 
 log = logging.getLogger("bioray")
 
@@ -191,19 +192,22 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     start = time.time()
     # A request larger than the whole cluster would wait forever (a 1-CPU laptop, say).
     cpus = min(cfg.data.tokenise_cpus, ray.cluster_resources().get("CPU", 1.0))
+    # On the driver's node when no filesystem is shared: the corpus and the cache are its files.
+    where = file_task_options(cfg.run.storage, cpus)
+    cpus, place = where.pop("num_cpus"), where
     fn = Tokenise(tokenizer, cfg.corpus.template, cfg.data.max_seq_len, cfg.data.overlong,
                   probe=probe_texts(corpus_dir, cfg.corpus.template), threads=max(1, int(cpus)))
     if not fn.uses_backend:
         log.info("tokenising through transformers (the tokenizer has no Rust backend that gives the same ids)")
     try:
         ds = corpus_dataset(corpus_dir, split="train", columns=_COLUMNS, num_cpus=cpus,
-                            rows_per_block=cfg.data.tokenise_batch_size)
+                            rows_per_block=cfg.data.tokenise_batch_size, ray_remote_args=place)
         ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
-                            concurrency=cfg.data.tokenise_tasks)
+                            concurrency=cfg.data.tokenise_tasks, **place)
         # Ray Data reserves a share of the cluster per operator; with the single fused operator
         # here that only idles CPUs (measured: one task at a time on 2 CPUs, twice the time).
         ds.context.op_resource_reservation_enabled = False
-        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus})
+        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus, **place})
         meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
         if cfg.data.overlong == "error":
             _refuse_overlong(cfg, corpus_dir, tmp / "data", meta)
@@ -347,8 +351,11 @@ def mixture_counts(cfg: Config, counts: dict[str, int], tasks: dict[str, str]) -
     return out
 
 
-def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
-    """The mixed, shuffled and (optionally) packed training Dataset for one run or trial."""
+def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None, node: str | None = None):
+    """The mixed, shuffled and (optionally) packed training Dataset for one run or trial.
+
+    ``node``: the node that holds ``cache_dir`` when no filesystem is shared (default: this one).
+    """
     import ray
 
     meta = json.loads((cache_dir / "meta.json").read_text())
@@ -366,8 +373,10 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
 
     # Not read_parquet: its file-listing task asks a whole CPU, which a Tune trial may never get
     # while other trials train (seen here: a search waited forever on 0.9 free CPUs).
+    where = file_task_options(cfg.run.storage, LIGHT_CPUS, node)  # the cache is the driver's when no filesystem is shared
     base = read_row_groups(sorted(str(p) for p in (cache_dir / "data").glob("*.parquet")),
-                           columns=["source", "input_ids", "labels"], num_cpus=LIGHT_CPUS)
+                           columns=["source", "input_ids", "labels"], num_cpus=where.pop("num_cpus"),
+                           ray_remote_args=where)
     parts = []
     for i, (name, n) in enumerate(sorted(plan.items())):
         ds = base.filter(expr=col("source") == name, num_cpus=LIGHT_CPUS)

@@ -24,7 +24,8 @@ from bioray.corpus.sources import quote
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
 from bioray.optim import optimizer_class
-from bioray.storage import full_uri, is_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
+from bioray.storage import (full_uri, is_uri, latest_checkpoint, local_copy, move_aside, publish_folder, read_text,
+                            run_root, shared_filesystem, upload)
 
 log = logging.getLogger("bioray")
 
@@ -41,6 +42,10 @@ class Stages:
     """The tokenised cache of the corpus's train split."""
     cache_meta: dict
     """The cache's ``meta.json`` (per-source counts), with ``tokenised_now``."""
+    base_uri: str | None = None
+    """Where nodes that cannot see ``base_path`` download the base from (``run.storage`` a URI); else None."""
+    node: str | None = None
+    """The Ray node whose disk holds these files when no filesystem is shared (the driver's); else None."""
 
 
 def prepare(cfg: Config) -> Path:
@@ -63,7 +68,22 @@ def shared_stages(cfg: Config) -> Stages:
     corpus_dir = prepare(cfg)
     base_path = resolve_base(cfg, corpus_dir)
     cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
-    return Stages(corpus_dir, base_path, cache_dir, cache_meta)
+    base_uri = node = None
+    if not shared_filesystem(cfg.run.storage):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        # No filesystem every node sees: what the driver built goes to the bucket. The base model is
+        # what other nodes read (training workers and scorers download it once per node); the corpus
+        # and the tokenised cache are read on the driver's node only (bioray.storage.file_task_options)
+        # and copied for the record and for the tools that read a run's folder.
+        started = time.time()
+        if Path(base_path).is_dir():
+            base_uri = publish_folder(base_path, cfg.run.storage, "models")
+        publish_folder(corpus_dir, cfg.run.storage, "corpus")
+        publish_folder(cache_dir, cfg.run.storage, "tokenised")
+        log.info("base model, corpus and tokenised cache on %s (%.1f s)", cfg.run.storage, time.time() - started)
+    return Stages(corpus_dir, base_path, cache_dir, cache_meta, base_uri, node)
 
 
 def pool_name(cfg: Config) -> str:
@@ -83,7 +103,7 @@ def finetune(cfg: Config) -> dict:
     write_text(Path(cfg.run.dir).resolve() / CONFIG_FILE, dump(cfg))
     stages = shared_stages(cfg)
     name = pool_name(cfg)
-    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, name)
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, name, stages.base_uri)
     try:
         return train_and_score(cfg, stages, name)
     finally:
@@ -107,7 +127,7 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
 
     run_dir = Path(cfg.run.dir).resolve()
     optimizer_class(cfg.train.optimizer)  # a name torch does not know fails here, not in every worker
-    train_ds, plan = training_dataset(cfg, stages.cache_dir)
+    train_ds, plan = training_dataset(cfg, stages.cache_dir, node=stages.node)
     if cfg.train.epochs is not None:
         train_ds = train_ds.materialize()
         cfg = with_steps_for_epochs(cfg, train_ds.count())
@@ -118,7 +138,7 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     start = time.time()
     try:
         result = fit(cfg, stages.base_path, train_ds, validate_checkpoint, scoring, metrics_log=metrics_log,
-                     tune_reports=tune_reports)
+                     tune_reports=tune_reports, base_uri=stages.base_uri)
         if result.error:
             raise result.error
         best, best_metrics = _best_scored(result)
@@ -156,9 +176,27 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     table = score_table(cfg, out["eval"])
     write_text(run_dir / "scores.md", table + "\n")
     write_run_report(cfg, out, records, run_dir)
+    publish_run(cfg, run_dir)
     if not tune_reports:
         print(table)
     return out
+
+
+RUN_FILES = (CONFIG_FILE, "result.json", "scores.md", "report.md", "curves.png", "metrics.jsonl", "tensorboard")
+"""What a finished run's folder holds besides checkpoints: copied to ``<run.storage>/<run name>/`` there."""
+
+
+def publish_run(cfg: Config, run_dir: Path) -> None:
+    """Copies the run's result files beside its checkpoints on ``run.storage`` (a URI or another folder)."""
+    if not cfg.run.storage:
+        return
+    root = run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)
+    if not is_uri(root) and Path(root) == run_dir:
+        return
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            upload(run_dir / name, f"{root}/{name}")
+    log.info("result files on %s", root)
 
 
 def with_steps_for_epochs(cfg: Config, rows: int) -> Config:

@@ -88,8 +88,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(t.cpus_per_worker + 0.5)))
 
     # The model, and where the latest checkpoint (if any) says training stopped.
-    tokenizer = load_tokenizer(base_path, cfg)
-    model = _trainable_model(cfg, base_path, {"bf16": torch.bfloat16, "fp16": torch.float16,
+    # The base as this node sees it: base_path, or its copy downloaded from run.storage once per node.
+    from bioray.storage import node_copy
+
+    local_base = node_copy(base_path, loop_config.get("base_uri"))
+    tokenizer = load_tokenizer(local_base, cfg)
+    model = _trainable_model(cfg, local_base, {"bf16": torch.bfloat16, "fp16": torch.float16,
                                               "fp32": torch.float32}[precision(cfg)])
     checkpoint = ray.train.get_checkpoint()
     opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
@@ -399,12 +403,13 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
 
 
 def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kwargs: dict | None = None,
-        metrics_log=None, tune_reports: bool = False):
+        metrics_log=None, tune_reports: bool = False, base_uri: str | None = None):
     """Runs ``TorchTrainer`` for one config and returns Ray Train's ``Result``.
 
     Args:
         cfg: The run's (or trial's) config.
         base_path: ``from_pretrained`` path of the base model.
+        base_uri: A copy of a local ``base_path`` on run.storage, for workers on nodes that cannot see it.
         train_ds: The mixed, packed training Dataset (``bioray.data.training_dataset``).
         validation_fn: Scores a reported checkpoint (see ``bioray.evaluate.pool``); None = no scoring.
         validation_kwargs: JSON-serialisable keyword arguments for ``validation_fn``.
@@ -467,7 +472,7 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
         )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "validate": scored,
+        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "base_uri": base_uri, "validate": scored,
                            # A bar where the driver has a terminal to draw it on; log lines elsewhere.
                            "progress_bar": sys.stdout.isatty() and not cfg.run.quiet and not tune_reports},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),

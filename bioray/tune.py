@@ -200,7 +200,7 @@ def search(cfg: Config) -> dict:
     # inside a trial, it lands in (and outlives) a trial's placement group, whose CPUs are then
     # never released. Run one tiny dataset here first.
     ray.data.range(1).materialize()
-    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, setup["pool"])
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, setup["pool"], stages.base_uri)
     try:
         if tune.Tuner.can_restore(path):
             log.info("resuming the search in %s (finished trials are kept)", path)

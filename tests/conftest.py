@@ -1,8 +1,10 @@
 """Shared fixtures: the project root, the real data folder, and one local Ray per session."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,36 @@ def run_job(*args, env=None, timeout=900):
     """Runs a job script from the project root, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def rescore(best: Path, corpus_dir: Path) -> dict:
+    """Scores a checkpoint folder again outside the run: peft's own loading, bioray's batching and decoding.
+
+    Returns:
+        ``{source: {metric: value}}`` on the checkpoint's own eval records.
+    """
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bioray.config import load
+    from bioray.corpus import read_manifest
+    from bioray.evaluate.generate import Generator
+    from bioray.evaluate.pool import eval_items, score_predictions
+
+    cfg = load(best / "bioray.yaml")
+    base = json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(best)).eval()
+    torch.set_num_threads(1)
+    gen = Generator(base, cfg)
+    gen.model = model
+    items = eval_items(cfg, corpus_dir)
+    tok = gen.tokenizer
+    max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
+    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
+    return score_predictions(cfg, read_manifest(corpus_dir), items, {i["id"]: a for i, a in zip(items, answers)})
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +108,75 @@ def assert_no_secrets(folders, texts=()) -> int:
         found += [f"output {i}: {f.decode()}" for f in forms if f in text.encode()]
     assert not found, "planted secrets leaked:\n" + "\n".join(found[:20])
     return n
+
+
+# ------------------------------------------------------- private Ray clusters and an S3 server
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ray_cli() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else "ray"
+
+
+def kill_leftovers(marker: str) -> None:
+    """Kill our own processes whose command line names this test's private folder (job drivers
+    run in a session of their own, outside the `ray start` process group)."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
+        try:
+            if p.info["uids"] and p.info["uids"].real == os.getuid() and marker in " ".join(p.info["cmdline"] or []):
+                if p.pid != os.getpid():
+                    p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+BUCKET = "bioray-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket, ``s3://bioray-test``; credentials and endpoint only in
+    the environment (the processes a test starts inherit them)."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield f"s3://{BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PLANTED_SECRETS, assert_no_secrets, run_job
+from conftest import PLANTED_SECRETS, assert_no_secrets, rescore, run_job
 
 pytestmark = pytest.mark.e2e
 
@@ -84,30 +84,12 @@ def test_every_checkpoint_is_scored_and_the_best_is_kept(quickstart):
 
 
 def test_adapter_loads_with_peft_and_reproduces_the_scores(quickstart):
-    import torch
-    from peft import AutoPeftModelForCausalLM, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from bioray.config import load
-    from bioray.corpus import read_manifest
-    from bioray.evaluate.generate import Generator
-    from bioray.evaluate.pool import eval_items, score_predictions
+    from peft import AutoPeftModelForCausalLM
 
     run_dir, _ = quickstart
     result = json.loads((run_dir / "result.json").read_text())
     best = result["best_checkpoint"]
-    cfg = load(Path(best) / "bioray.yaml")
-    base = json.loads((Path(best) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), best).eval()
-    torch.set_num_threads(1)
-    gen = Generator(base, cfg)
-    gen.model = model  # peft's own loading path, bioray's batching and decoding
-    items = eval_items(cfg, run_dir / "corpus")
-    tok = gen.tokenizer
-    max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
-    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
-    scores = score_predictions(cfg, read_manifest(run_dir / "corpus"), items,
-                               {i["id"]: a for i, a in zip(items, answers)})
+    scores = rescore(Path(best), run_dir / "corpus")
     for source, metrics in result["eval"].items():
         for k, v in metrics.items():
             assert scores[source][k] == pytest.approx(v, abs=1e-9), (source, k)

@@ -3,11 +3,6 @@
 Also what decides that a rerun is the same run (``checkpoint.first_difference``).
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,6 @@ from bioray.checkpoint import first_difference
 from bioray.config import Config, to_dict
 from bioray.storage import full_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
 
-BUCKET = "bioray-test"
 
 
 def test_first_difference_names_the_first_training_key():
@@ -57,40 +51,6 @@ def test_latest_checkpoint_and_move_aside_on_a_local_folder(tmp_path):
     moved = move_aside(str(root))
     assert latest_checkpoint(str(root)) is None and sorted(p.name for p in Path(moved).iterdir()) == \
         ["step-000010", "step-000030", "step-000200", "step-x"]  # moved, not deleted
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with one bucket; credentials and endpoint only in the environment."""
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield f"s3://{BUCKET}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_latest_checkpoint_move_aside_and_download_on_s3(s3, tmp_path):

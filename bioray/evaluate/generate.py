@@ -16,15 +16,18 @@ log = logging.getLogger("bioray")
 class Generator:
     """Holds a base model and tokenizer; ``use(checkpoint)`` swaps in that checkpoint's adapter."""
 
-    def __init__(self, base_path: str, cfg: Config, device: str = "cpu"):
+    def __init__(self, base_path: str, cfg: Config, device: str = "cpu", load_from: str | None = None):
+        """``base_path`` is the base checkpoints must be made for; ``load_from`` a copy of it on this node
+        (a download from run.storage), if it is not at ``base_path`` here."""
         from bioray.model import load_base, load_tokenizer
 
         self.base_path, self.cfg, self.device = base_path, cfg, device
-        self.tokenizer = load_tokenizer(base_path, cfg)
+        self.load_from = load_from or base_path
+        self.tokenizer = load_tokenizer(self.load_from, cfg)
         # Decoder-only generation continues from the right end: pad on the left.
         self.tokenizer.padding_side = "left"
         self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.base = load_base(base_path, cfg, dtype=self.dtype).to(device).eval()
+        self.base = load_base(self.load_from, cfg, dtype=self.dtype).to(device).eval()
         self.model = self.base
         self._adapter: str | None = None
         self._n = 0
@@ -48,7 +51,7 @@ class Generator:
             self.model = load_base(str(checkpoint_dir), self.cfg, dtype=self.dtype).to(self.device).eval()
             return
         if self.base is None:  # the previous checkpoint was full weights
-            self.base = load_base(self.base_path, self.cfg, dtype=self.dtype).to(self.device).eval()
+            self.base = load_base(self.load_from, self.cfg, dtype=self.dtype).to(self.device).eval()
             self.model = self.base
         name = f"ckpt{self._n}"
         self._n += 1

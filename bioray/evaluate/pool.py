@@ -105,10 +105,12 @@ def task_score(cfg: Config, results: dict) -> float:
 class Scorer:
     """One scorer: a base model loaded once, a slice of the eval records, predictions per checkpoint."""
 
-    def __init__(self, config: dict, base_path: str, manifest: dict, items: list[dict], shard: int, num_shards: int):
+    def __init__(self, config: dict, base_path: str, manifest: dict, items: list[dict], shard: int, num_shards: int,
+                 base_uri: str | None = None):
         import torch
 
         from bioray.evaluate.generate import Generator
+        from bioray.storage import node_copy
 
         self.cfg = from_dict(config)
         self.manifest = manifest
@@ -117,7 +119,7 @@ class Scorer:
         device = "cuda" if self.cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.eval.cpus_per_actor + 0.5)))
-        self.generator = Generator(base_path, self.cfg, device=device)
+        self.generator = Generator(base_path, self.cfg, device=device, load_from=node_copy(base_path, base_uri))
         tok = self.generator.tokenizer
         answer_lens = [len(x) for x in tok([i["output"] for i in self.items], add_special_tokens=False)["input_ids"]] \
             if self.items else []
@@ -153,8 +155,11 @@ class Scorer:
         return score_predictions(self.cfg, self.manifest, self.all_items, predictions)
 
 
-def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str) -> list:
-    """Starts ``eval.num_actors`` named scorer actors (reused if already running under ``name``)."""
+def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str, base_uri: str | None = None) -> list:
+    """Starts ``eval.num_actors`` named scorer actors (reused if already running under ``name``).
+
+    ``base_uri``: where actors on a node that cannot see ``base_path`` download the base from.
+    """
     from bioray.corpus import read_manifest
 
     manifest = read_manifest(corpus_dir)
@@ -164,7 +169,7 @@ def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str) -> list
     remote = ray.remote(Scorer)
     return [remote.options(name=f"{name}-{k}", namespace=NAMESPACE, get_if_exists=True,
                            num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor)
-            .remote(to_dict(cfg), base_path, manifest, items_ref, k, n) for k in range(n)]
+            .remote(to_dict(cfg), base_path, manifest, items_ref, k, n, base_uri) for k in range(n)]
 
 
 def run_pool(actors: list, checkpoint) -> dict:
