@@ -1,10 +1,16 @@
-"""Where a run's checkpoints live: a local folder, or object storage every node can reach.
+"""Where a run's checkpoints and results live (a local folder, or object storage every node can reach),
+and how a run works without a filesystem shared by its nodes.
 
 ``run.storage`` is a local path or any URI pyarrow's filesystems accept (``s3://bucket/prefix``,
 ``gs://...``); credentials and the endpoint come from the environment as the cloud's own SDKs read
 them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or from instance
 roles, and never from a bioray file. Each run gets its own folder under it (``run.name``), so runs
 and Tune trials never share, overwrite or delete each other's checkpoints.
+
+A URI there also says that the nodes share no filesystem: the tasks that touch the driver's files
+run on its node (:func:`file_task_options`), what other nodes must read goes through the bucket
+(:func:`publish_folder`, :func:`node_copy`), and a run's result files are copied beside its
+checkpoints (docs/cluster.md, "What goes where").
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     local_base = node_copy(base_path, loop_config.get("base_uri"))
     tokenizer = load_tokenizer(local_base, cfg)
-    model = _trainable_model(cfg, local_base, {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                              "fp32": torch.float32}[precision(cfg)])
+    model = _trainable_model(cfg, base_path, {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                              "fp32": torch.float32}[precision(cfg)], load_from=local_base)
     checkpoint = ray.train.get_checkpoint()
     opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
     resume_dir = _verified_checkpoint(checkpoint, cfg, opened) if checkpoint else None
@@ -250,15 +250,24 @@ def _takes_logit_mask(model) -> bool:
         "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _trainable_model(cfg: Config, base_path: str, dtype):
-    """The base model, with gradient checkpointing and a LoRA adapter where the config asks."""
+def _trainable_model(cfg: Config, base_path: str, dtype, load_from: str | None = None):
+    """The base model, with gradient checkpointing and a LoRA adapter where the config asks.
+
+    ``load_from``: this node's copy of ``base_path`` (see ``storage.node_copy``); the adapter still
+    names ``base_path``, the base the run was configured with, so every checkpoint of a run names one base.
+    """
     from bioray.model import add_lora, load_base
 
-    model = load_base(base_path, cfg, dtype=dtype)
+    model = load_base(load_from or base_path, cfg, dtype=dtype)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    return model if cfg.train.full_finetune else add_lora(model, cfg)
+    if cfg.train.full_finetune:
+        return model
+    model = add_lora(model, cfg)
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base_path
+    return model
 
 
 def _verified_checkpoint(checkpoint, cfg: Config, opened: ExitStack) -> Path:

@@ -180,3 +180,30 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def stop_ray(procs: list, base: Path, logs: list = ()) -> None:
+    """Stops private ``ray start --block`` processes and everything they started, then removes ``base``.
+
+    SIGTERM first (``--block``: each stops what it started; a graceful stop can take half a minute), then
+    the process groups, then any process of ours that names ``base`` (job drivers run in sessions of
+    their own, outside the groups).
+    """
+    import shutil
+    import signal
+
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    kill_leftovers(str(base))
+    for f in logs:
+        f.close()
+    shutil.rmtree(base, ignore_errors=True)

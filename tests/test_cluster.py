@@ -9,8 +9,6 @@ kill every Ray on the machine).
 import json
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, free_ports, kill_leftovers, ray_cli
+from conftest import ROOT, free_ports, ray_cli, stop_ray
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GCP_MARKER = "# ==== GCP (alternative) ===="
@@ -236,18 +234,7 @@ def local_cluster():
             time.sleep(1)
         yield {"address": address, "env": env, "base": base, "token": token, "gcs": f"127.0.0.1:{gcs_port}"}
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(15)
-        except subprocess.TimeoutExpired:
-            pass  # a graceful stop can take half a minute; the process group goes down below
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        kill_leftovers(str(base))
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+        stop_ray([head], base, [log])
 
 
 @pytest.mark.e2e

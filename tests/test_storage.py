@@ -89,3 +89,31 @@ def test_checksums_catch_a_changed_or_missing_file(tmp_path):
     (ckpt / "resume" / "rng-rank001.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"rng-rank001.safetensors: missing"):
         verify(ckpt)
+
+
+def test_a_folder_published_to_the_bucket_is_uploaded_once_and_copied_once_per_node(s3, tmp_path, monkeypatch):
+    from bioray.storage import PUBLISHED, exists, file_task_options, node_copy, publish_folder
+
+    model = tmp_path / "tiny-abc"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "weights.bin").write_bytes(b"\0" * 1000)
+    uri = publish_folder(model, s3 + "/runs", "models")
+    assert uri.startswith(f"{s3}/runs/_shared/models/tiny-abc-") and exists(f"{uri}/{PUBLISHED}")
+    assert publish_folder(model, s3 + "/runs", "models") == uri  # unchanged: the same copy
+    (model / "config.json").write_text('{"a": 2}')
+    changed = publish_folder(model, s3 + "/runs", "models")
+    assert changed != uri and read_text(f"{changed}/config.json") == '{"a": 2}'  # changed: a new copy
+
+    # A node that sees the folder loads it where it is; one that does not gets its own copy, once.
+    assert node_copy(str(model), uri) == str(model)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    elsewhere = node_copy(str(tmp_path / "gone" / "tiny-abc"), uri)
+    assert Path(elsewhere).parent == tmp_path / "node-tmp" / "bioray-shared"
+    assert (Path(elsewhere) / "sub" / "weights.bin").read_bytes() == b"\0" * 1000
+    assert node_copy(str(tmp_path / "gone" / "tiny-abc"), uri) == elsewhere
+    assert node_copy("org/model-on-the-hub", uri) == "org/model-on-the-hub"
+    # File tasks go anywhere while a filesystem is shared (no URI): nothing but their CPUs is asked.
+    assert file_task_options(None, 0.25) == {"num_cpus": 0.25}
+    assert file_task_options(str(tmp_path), 1.0) == {"num_cpus": 1.0}

@@ -21,7 +21,7 @@ class RunSection:
     seed: int = 0
     """Seeds instruction draws, mixing, LoRA init and data order."""
     storage: Optional[str] = None
-    """Where Ray Train persists checkpoints (local path or s3://...): under <storage>/<run name>/checkpoints/; null = run.dir/checkpoints/."""
+    """Where a run keeps what outlives it (local path, or a URI such as s3://...): checkpoints under <storage>/<run name>/checkpoints/ and the result files beside them; a URI also means no shared filesystem (the base model, corpus and tokenised cache are copied to <storage>/_shared/); null = run.dir/checkpoints/."""
     name: Optional[str] = None
     """This run's folder under run.storage; null = the last part of run.dir (a Tune trial: <search>/trials/<trial id>)."""
     resume: bool = True
