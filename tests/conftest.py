@@ -76,3 +76,73 @@ def assert_no_secrets(folders, texts=()) -> int:
         found += [f"output {i}: {f.decode()}" for f in forms if f in text.encode()]
     assert not found, "planted secrets leaked:\n" + "\n".join(found[:20])
     return n
+
+
+# ------------------------------------------------------------------------ what trackers recorded
+
+
+def mlflow_runs(store: Path, experiment: str = "bioray") -> list:
+    """The MLflow runs of an experiment in a local file store, read back with MLflow's own client."""
+    import mlflow
+
+    client = mlflow.MlflowClient(Path(store).as_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def mlflow_history(store: Path, run_id: str, key: str) -> dict[int, float]:
+    """``{step: value}`` of one metric of an MLflow run."""
+    import mlflow
+
+    return {m.step: m.value for m in mlflow.MlflowClient(Path(store).as_uri()).get_metric_history(run_id, key)}
+
+
+def wandb_offline_runs(folder: Path) -> list[dict]:
+    """Every offline W&B run under ``folder``, read from its ``run-*.wandb`` file with wandb's own
+    protobuf records: ``{"id", "name", "group", "project", "config", "history", "summary", "exit_code"}``.
+
+    The file is a LevelDB-style log (wandb-core writes it; the Python SDK no longer reads it): a
+    7-byte header (``:W&B``, magic, version), then 32 KiB blocks of records, each a 7-byte header
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def values(items) -> dict:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+    runs = []
+    for path in sorted(Path(folder).rglob("run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        run = {"history": [], "summary": {}, "config": {}, "exit_code": None}
+        pos, buf = 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            length, kind = struct.unpack("<HB", data[pos + 4:pos + 7]) if left >= 7 else (0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left  # the block's zero padding
+                continue
+            buf += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf)
+                buf = b""
+                which = record.WhichOneof("record_type")
+                if which == "run":
+                    r = record.run
+                    run.update(id=r.run_id, name=r.display_name, group=r.run_group, project=r.project)
+                    run["config"].update(values(r.config.update))
+                elif which == "config":
+                    run["config"].update(values(record.config.update))
+                elif which == "history":
+                    run["history"].append(values(record.history.item))
+                elif which == "summary":
+                    run["summary"].update(values(record.summary.update))
+                elif which == "exit":
+                    run["exit_code"] = record.exit.exit_code
+        runs.append(run)
+    return runs
