@@ -26,6 +26,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def tracker_sets(folder: Path) -> tuple[list[str], dict]:
+    """``--set`` arguments and environment that turn on each installed tracker for an e2e run: MLflow
+    to a file store at ``folder/mlruns``, W&B offline (into ``run.dir/wandb/``)."""
+    import importlib.util
+
+    sets, env = [], {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    if importlib.util.find_spec("mlflow"):
+        sets += ["track.mlflow.enabled=true", f"track.mlflow.tracking_uri=file:{folder / 'mlruns'}"]
+    if importlib.util.find_spec("wandb"):
+        sets += ["track.wandb.enabled=true", "track.wandb.mode=offline"]
+    return [a for s in sets for a in ("--set", s)], env
+
+
 def run_job(*args, env=None, timeout=900):
     """Runs a job script from the project root, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
@@ -46,6 +59,9 @@ PLANTED_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIABIORAYSCAN000001",
     "AWS_SECRET_ACCESS_KEY": "bioray/Scan+Secret=01",
     "AWS_ENDPOINT_URL": "http://scanuser:scanpass@127.0.0.1:9/",
+    # Read by the trackers the quickstart turns on (a local MLflow file store and W&B offline use neither).
+    "WANDB_API_KEY": "wandbBiorayScanKey000000000000000000000001",
+    "MLFLOW_TRACKING_TOKEN": "mlflowBiorayScanToken01",
 }
 
 
