@@ -198,6 +198,30 @@ def trackers(track, config: dict, run_dir: Path, name: str, group: str | None = 
     return out
 
 
+def end_stopped_runs(track, search: str, trials_dir: Path) -> int:
+    """Marks KILLED the MLflow runs of a search's trials that never ended; returns how many.
+
+    A trial that ASHA stops (or a search killed midway) loses its metrics log with the trial's
+    process, before it can end its runs; the search calls this once every trial is over.
+    """
+    if not track.mlflow.enabled:
+        return 0
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri(track.mlflow.tracking_uri))
+    experiment = client.get_experiment_by_name(track.mlflow.experiment)
+    if experiment is None:
+        return 0
+    quoted = search.replace("'", "\\'")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`bioray.search` = '{quoted}' and attributes.status = 'RUNNING'")
+    inside = str(Path(trials_dir).resolve()) + os.sep
+    stopped = [r for r in runs if r.data.tags.get("bioray.run_dir", "").startswith(inside)]
+    for run in stopped:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(stopped)
+
+
 def mlflow_uri(uri: str | None) -> str:
     """The tracking URI as the driver sees it: a relative folder made absolute (the actor runs elsewhere)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -225,8 +225,22 @@ def search(cfg: Config) -> dict:
         grid = tuner.fit()
     finally:
         stop_pool(actors)
+        _end_stopped_runs(cfg, tune_dir)
     rows = trial_rows(grid, cfg, names)
     return write_outputs(cfg, rows, tune_dir)
+
+
+def _end_stopped_runs(cfg: Config, tune_dir: Path) -> None:
+    """Trials stopped early never end their tracker runs themselves (bioray.track.end_stopped_runs)."""
+    from bioray.track import end_stopped_runs
+
+    try:
+        n = end_stopped_runs(cfg.track, search_name(to_dict(cfg)), tune_dir / "trials")
+    except Exception as e:  # noqa: BLE001 - a tracker's server, never the search's result
+        log.warning("tracking: could not end the runs of stopped trials: %s", str(e).strip().splitlines()[0])
+        return
+    if n:
+        log.info("tracking: marked %d MLflow run(s) of stopped trials KILLED", n)
 
 
 def trial_rows(grid, cfg: Config, names: list[str]) -> list[dict]:

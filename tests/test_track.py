@@ -14,7 +14,7 @@ import pytest
 from bioray.config import load, to_dict
 from bioray.errors import ConfigError
 from bioray.observe import MetricsLog, read_metrics
-from bioray.track import check_trackers, flat_config, trackers
+from bioray.track import check_trackers, end_stopped_runs, flat_config, trackers
 from conftest import mlflow_history, mlflow_runs, wandb_offline_runs
 
 SOURCE = "ncbi_disease"
@@ -107,6 +107,24 @@ def test_a_tracker_that_fails_is_dropped_and_the_log_goes_on(tmp_path, tracker_e
     assert len(records) == 4 and len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 4
     (warning,) = [r.getMessage() for r in caplog.records if "stopped logging" in r.getMessage()]
     assert warning.startswith("metrics: MlflowTracker stopped logging (start failed: ") and "Connection refused" in warning
+
+
+def test_runs_of_trials_that_never_ended_are_marked_killed(tmp_path, tracker_env):
+    mlflow = pytest.importorskip("mlflow")
+    cfg = _config(tmp_path, "track.mlflow.enabled=true", f"track.mlflow.tracking_uri=file:{tracker_env}")
+    client = mlflow.MlflowClient(tracker_env.as_uri())
+    exp = client.create_experiment("bioray")
+    trials = tmp_path / "run" / "tune" / "trials"
+
+    def run(search, run_dir):
+        return client.create_run(exp, tags={"bioray.search": search, "bioray.run_dir": str(run_dir)}).info.run_id
+
+    done, stopped = run("s1", trials / "a"), run("s1", trials / "b")
+    client.set_terminated(done, "FINISHED")
+    other_search, elsewhere = run("s2", trials / "c"), run("s1", tmp_path / "other" / "trials" / "d")
+    assert end_stopped_runs(cfg.track, "s1", trials) == 1
+    assert {r: client.get_run(r).info.status for r in (done, stopped, other_search, elsewhere)} == {
+        done: "FINISHED", stopped: "KILLED", other_search: "RUNNING", elsewhere: "RUNNING"}
 
 
 def test_credentials_travel_with_the_tracker_but_never_into_its_repr(tmp_path, monkeypatch):
