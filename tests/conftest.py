@@ -13,6 +13,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The e2e runs log to a local MLflow file store, which MLflow 3 refuses without it (tracker_sets).
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 # The data root that ${BIORAY_DATA} in configs (configs/ner-real.yaml) reads: the real data here.
 os.environ.setdefault("BIORAY_DATA", str(SHARED_DATA))
 if str(ROOT) not in sys.path:
@@ -26,17 +28,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def tracker_sets(folder: Path) -> tuple[list[str], dict]:
-    """``--set`` arguments and environment that turn on each installed tracker for an e2e run: MLflow
-    to a file store at ``folder/mlruns``, W&B offline (into ``run.dir/wandb/``)."""
+def tracker_sets(folder: Path) -> list[str]:
+    """``--set`` arguments that turn on each installed tracker for an e2e run: MLflow to a file store
+    at ``folder/mlruns``, W&B offline (into ``run.dir/wandb/``)."""
     import importlib.util
 
-    sets, env = [], {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    sets = []
     if importlib.util.find_spec("mlflow"):
         sets += ["track.mlflow.enabled=true", f"track.mlflow.tracking_uri=file:{folder / 'mlruns'}"]
     if importlib.util.find_spec("wandb"):
         sets += ["track.wandb.enabled=true", "track.wandb.mode=offline"]
-    return [a for s in sets for a in ("--set", s)], env
+    return [a for s in sets for a in ("--set", s)]
 
 
 def run_job(*args, env=None, timeout=900):

@@ -22,9 +22,8 @@ def quickstart(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     # Fake credentials in its environment, as a user's would be: test_no_secret_leaves_the_environment.
     # Each installed tracker logs the run (test_the_run_lands_in_the_trackers).
-    track, track_env = tracker_sets(run_dir.parent)
     proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
-                   *track, env={**PLANTED_SECRETS, **track_env})
+                   *tracker_sets(run_dir.parent), env=PLANTED_SECRETS)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return run_dir, proc
 
