@@ -173,7 +173,13 @@ class WandbTracker(Tracker):
         self.run.summary.update({"best/checkpoint": checkpoint, "best/step": step, "best/score": score})
 
     def close(self, finished: bool) -> None:
+        import wandb
+
         self.run.finish(exit_code=0 if finished else 1)
+        # finish() returns before wandb-core has written the last records (the summary, the exit) to
+        # disk, and the driver kills this actor, with its child processes, right after: seen here,
+        # an offline run without its best checkpoint or exit code. teardown() waits for the service.
+        wandb.teardown()
 
 
 def trackers(track, config: dict, run_dir: Path, name: str, group: str | None = None) -> list[Tracker]:
