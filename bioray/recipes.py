@@ -110,19 +110,22 @@ def finetune(cfg: Config) -> dict:
         stop_pool(actors)
 
 
-def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool = False) -> dict:
+def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool = False,
+                    group: str | None = None) -> dict:
     """Trains one config on the shared stages, its checkpoints scored by the named scorer pool.
 
     What a run does after the shared stages; a Tune trial calls it with its own config (and
-    ``tune_reports``: every training report, with the latest task score, goes to Tune).
+    ``tune_reports``: every training report, with the latest task score, goes to Tune; ``group``:
+    the search's name, which the trackers group its trials under).
     Writes ``result.json``, ``scores.md``, ``report.md``, ``curves.png`` under ``cfg.run.dir``
     (the caller writes ``bioray.yaml``).
     """
     from bioray.corpus import read_manifest
     from bioray.data import training_dataset
     from bioray.evaluate.pool import source_decoding, task_score, validate_checkpoint
-    from bioray.observe import start_metrics_log, stop_metrics_log
+    from bioray.observe import log_best, start_metrics_log, stop_metrics_log
     from bioray.report import score_table
+    from bioray.track import trackers
     from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
@@ -132,8 +135,10 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
         train_ds = train_ds.materialize()
         cfg = with_steps_for_epochs(cfg, train_ds.count())
     check_resume(cfg)
-    # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
-    metrics_log = start_metrics_log(run_dir)
+    # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what), and
+    # of the trackers' runs.
+    metrics_log = start_metrics_log(run_dir, trackers(cfg.track, to_dict(cfg), run_dir,
+                                                      cfg.run.name or run_dir.name, group))
     scoring = {"pool": pool, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))}
     start = time.time()
     try:
@@ -152,6 +157,8 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
             if best_metrics.get("step") is not None:
                 ray.get(metrics_log.scores.remote(best_metrics["step"], best_metrics["score"], results,
                                                   Path(best.path).name))
+        log_best(metrics_log, full_uri(best.path, cfg.run.storage), best_metrics.get("step"),
+                 best_metrics.get("score"))
     finally:
         records = stop_metrics_log(metrics_log, run_dir)
     final = result.metrics or {}
@@ -404,6 +411,7 @@ def check_inputs(cfg: Config, job: str, checkpoint: str | None = None, predictio
     from bioray.corpus.sources import check_sources
     from bioray.model import check_model_folder, local_model
     from bioray.storage import check_storage
+    from bioray.track import check_trackers
 
     _check_run_dir(Path(cfg.run.dir))
     if not cfg.corpus.sources:
@@ -417,6 +425,7 @@ def check_inputs(cfg: Config, job: str, checkpoint: str | None = None, predictio
             check_model_folder(folder, cfg, "config key 'model.name_or_path'")
     if job in ("finetune", "tune"):
         check_storage(cfg.run.storage)
+        check_trackers(cfg.track)
     if job == "tune":
         _check_search_space(cfg)
     if checkpoint is not None and not is_uri(checkpoint):

@@ -15,6 +15,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The e2e runs log to a local MLflow file store, which MLflow 3 refuses without it (tracker_sets).
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 # The data root that ${BIORAY_DATA} in configs (configs/ner-real.yaml) reads: the real data here.
 os.environ.setdefault("BIORAY_DATA", str(SHARED_DATA))
 if str(ROOT) not in sys.path:
@@ -26,6 +28,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the project)")
     return SHARED_DATA
+
+
+def tracker_sets(folder: Path) -> list[str]:
+    """``--set`` arguments that turn on each installed tracker for an e2e run: MLflow to a file store
+    at ``folder/mlruns``, W&B offline (into ``run.dir/wandb/``)."""
+    import importlib.util
+
+    sets = []
+    if importlib.util.find_spec("mlflow"):
+        sets += ["track.mlflow.enabled=true", f"track.mlflow.tracking_uri=file:{folder / 'mlruns'}"]
+    if importlib.util.find_spec("wandb"):
+        sets += ["track.wandb.enabled=true", "track.wandb.mode=offline"]
+    return [a for s in sets for a in ("--set", s)]
 
 
 def run_job(*args, env=None, timeout=900):
@@ -78,6 +93,9 @@ PLANTED_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIABIORAYSCAN000001",
     "AWS_SECRET_ACCESS_KEY": "bioray/Scan+Secret=01",
     "AWS_ENDPOINT_URL": "http://scanuser:scanpass@127.0.0.1:9/",
+    # Read by the trackers the quickstart turns on (a local MLflow file store and W&B offline use neither).
+    "WANDB_API_KEY": "wandbBiorayScanKey000000000000000000000001",
+    "MLFLOW_TRACKING_TOKEN": "mlflowBiorayScanToken01",
 }
 
 
@@ -207,3 +225,71 @@ def stop_ray(procs: list, base: Path, logs: list = ()) -> None:
     for f in logs:
         f.close()
     shutil.rmtree(base, ignore_errors=True)
+# ------------------------------------------------------------------------ what trackers recorded
+
+
+def mlflow_runs(store: Path, experiment: str = "bioray") -> list:
+    """The MLflow runs of an experiment in a local file store, read back with MLflow's own client."""
+    import mlflow
+
+    client = mlflow.MlflowClient(Path(store).as_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def mlflow_history(store: Path, run_id: str, key: str) -> dict[int, float]:
+    """``{step: value}`` of one metric of an MLflow run."""
+    import mlflow
+
+    return {m.step: m.value for m in mlflow.MlflowClient(Path(store).as_uri()).get_metric_history(run_id, key)}
+
+
+def wandb_offline_runs(folder: Path) -> list[dict]:
+    """Every offline W&B run under ``folder``, read from its ``run-*.wandb`` file with wandb's own
+    protobuf records: ``{"id", "name", "group", "project", "config", "history", "summary", "exit_code"}``.
+
+    The file is a LevelDB-style log (wandb-core writes it; the Python SDK no longer reads it): a
+    7-byte header (``:W&B``, magic, version), then 32 KiB blocks of records, each a 7-byte header
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def values(items) -> dict:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+    runs = []
+    for path in sorted(Path(folder).rglob("run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        run = {"history": [], "summary": {}, "config": {}, "exit_code": None}
+        pos, buf = 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            length, kind = struct.unpack("<HB", data[pos + 4:pos + 7]) if left >= 7 else (0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left  # the block's zero padding
+                continue
+            buf += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf)
+                buf = b""
+                which = record.WhichOneof("record_type")
+                if which == "run":
+                    r = record.run
+                    run.update(id=r.run_id, name=r.display_name, group=r.run_group, project=r.project)
+                    run["config"].update(values(r.config.update))
+                elif which == "config":
+                    run["config"].update(values(record.config.update))
+                elif which == "history":
+                    run["history"].append(values(record.history.item))
+                elif which == "summary":
+                    run["summary"].update(values(record.summary.update))
+                elif which == "exit":
+                    run["exit_code"] = record.exit.exit_code
+        runs.append(run)
+    return runs

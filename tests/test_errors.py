@@ -62,6 +62,8 @@ class Case:
     """Paths (fnmatch patterns) the failed job may add: what it documents writing."""
     real_model: bool = False
     """The case loads the model folder's tokenizer: put a real (tiny) model there."""
+    needs: str | None = None
+    """A package the case's check needs (an optional extra): the case is skipped without it."""
 
 
 def _ner(*sentences: str) -> str:
@@ -422,6 +424,29 @@ CASES: dict[str, Case] = {
         "http://127.0.0.1:9 from the environment): NETWORK_CONNECTION during HeadBucket operation: curlCode: 7, "
         "Could not connect to server",
         env={**FAKE_AWS, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}),
+    # ------------------------------------------------------------------ trackers
+    "track-unknown-key": _set(
+        "finetune", "a misspelt tracker key", "track.mlflow.uri=http://127.0.0.1:5000",
+        "bioray: error: config key 'track.mlflow.uri': unknown key (expected one of: enabled, experiment, "
+        "tracking_uri)"),
+    "track-credentials": Case(
+        "tune", "tracker", "credentials written into `track.mlflow.tracking_uri` (they would land in bioray.yaml)",
+        ("--config", "base.yaml", "--set", "track.mlflow.tracking_uri=https://me:s3cr3t@mlflow.example.org"),
+        "bioray: error: config key 'track.mlflow.tracking_uri': holds credentials, which bioray.yaml, logs and "
+        "reports would keep; give them in the environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD) instead"),
+    "track-unreachable": Case(
+        "finetune", "tracker", "an MLflow tracking server that does not answer",
+        ("--config", "base.yaml", "--set", "track.mlflow.enabled=true", "--set",
+         "track.mlflow.tracking_uri=http://127.0.0.1:9"),
+        "bioray: error: config key 'track.mlflow.tracking_uri': cannot log to http://127.0.0.1:9: [Errno 111] "
+        "Connection refused", needs="mlflow"),
+    "track-wandb-no-key": Case(
+        "tune", "tracker", "Weights & Biases online with no API key in the environment or `~/.netrc`",
+        ("--config", "base.yaml", "--set", "track.wandb.enabled=true"),
+        "bioray: error: config key 'track.wandb.mode': online needs WANDB_API_KEY in the environment (or `wandb "
+        "login`); or set track.wandb.mode=offline", env={"WANDB_API_KEY": "", "NETRC": "/nonexistent/netrc"},
+        needs="wandb"),
     # ------------------------------------------------------------------ environment
     "auth-off": Case(
         "prepare", "environment", "Ray's token authentication turned off", ("--config", "base.yaml"),
@@ -528,6 +553,8 @@ def _params() -> list:
 @pytest.mark.parametrize("name", _params())
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, import_recorder, request):
     case = CASES[name]
+    if case.needs:
+        pytest.importorskip(case.needs)
     model = request.getfixturevalue("real_model") if case.real_model else None
     folder = tmp_path / "work"
     folder.mkdir()

@@ -265,6 +265,36 @@ class TuneSection:
 
 
 @dataclass
+class MlflowSection:
+    enabled: bool = False
+    """Log each run (each Tune trial) to MLflow: the flattened config, every report and checkpoint score, the best checkpoint. Needs `pip install 'bioray[mlflow]'`."""
+    tracking_uri: Optional[str] = None
+    """http(s)://server, databricks, sqlite:///FILE (the full mlflow package) or file:FOLDER (with MLFLOW_ALLOW_FILE_STORE=true); null = $MLFLOW_TRACKING_URI, else MLflow's default. No credentials here: MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) stay in the environment."""
+    experiment: str = "bioray"
+    """MLflow experiment the runs go to (created if missing)."""
+
+
+@dataclass
+class WandbSection:
+    enabled: bool = False
+    """Log each run (each Tune trial) to Weights & Biases, as track.mlflow does. Needs `pip install 'bioray[wandb]'`."""
+    project: Optional[str] = None
+    """W&B project; null = $WANDB_PROJECT, else bioray."""
+    entity: Optional[str] = None
+    """W&B team or user; null = the API key's default entity."""
+    mode: str = "online"
+    """online (needs WANDB_API_KEY in the environment or `wandb login`) | offline (files under $WANDB_DIR, else run.dir/wandb/; `wandb sync` uploads them later)."""
+
+
+@dataclass
+class TrackSection:
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    """MLflow tracking."""
+    wandb: WandbSection = field(default_factory=WandbSection)
+    """Weights & Biases tracking."""
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
@@ -276,6 +306,8 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     tune: TuneSection = field(default_factory=TuneSection)
     """Ray Tune search (jobs/tune.py); unused by finetune."""
+    track: TrackSection = field(default_factory=TrackSection)
+    """Experiment trackers (MLflow, Weights & Biases); off unless enabled."""
 
     def __post_init__(self) -> None:
         validate(self)

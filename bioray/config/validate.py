@@ -19,7 +19,7 @@ from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
     from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
-                                      ModelSection, RunSection, TrainSection, TuneSection)
+                                      ModelSection, RunSection, TrackSection, TrainSection, TuneSection)
 
 FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions")
 TASKS = ("ner", "re", "nli", "cls", "qa")
@@ -50,7 +50,9 @@ BUILT_ONCE = {
     "model": "model.* is built once for the whole search (the base model)",
     "data": "{key} is built once for the whole search (the tokenised cache)",
     "eval": "eval.* is built once for the whole search (the scorer pool)",
+    "track": "track.* belongs to the whole search (every trial logs to the same trackers)",
 }
+WANDB_MODES = ("online", "offline")
 
 
 def fail(key: str, expected: str, got: Any) -> NoReturn:
@@ -77,6 +79,7 @@ def validate(cfg: Config) -> None:
     validate_mixture(cfg.mixture)
     validate_eval(cfg.eval)
     validate_tune(cfg.tune)
+    validate_track(cfg.track)
     validate_mixture_weights(cfg)
     validate_eval_score(cfg)
     validate_tune_space(cfg)
@@ -286,6 +289,25 @@ def validate_tune(tu: TuneSection) -> None:
         if kind != "choice" and not _is_range(args, positive=kind == "loguniform"):
             fail(where, f"{kind}: [low, high], numbers with " + ("0 < " if kind == "loguniform" else "")
                  + "low <= high", args)
+
+
+def validate_track(t: TrackSection) -> None:
+    """Tracker settings: no credentials in the tracking URI, names that are names, a known W&B mode."""
+    m, w = t.mlflow, t.wandb
+    if m.tracking_uri is not None and not m.tracking_uri.strip():
+        fail("track.mlflow.tracking_uri", "a tracking URI, or null", m.tracking_uri)
+    if m.tracking_uri is not None and _has_credentials(m.tracking_uri):
+        # Not echoed, as for run.storage: bioray.yaml would keep it for good.
+        raise ConfigError("config key 'track.mlflow.tracking_uri': holds credentials, which bioray.yaml, logs and "
+                          "reports would keep; give them in the environment (MLFLOW_TRACKING_TOKEN, or "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) instead")
+    if not m.experiment.strip():
+        fail("track.mlflow.experiment", "a non-empty experiment name", m.experiment)
+    if w.mode not in WANDB_MODES:
+        fail("track.wandb.mode", " | ".join(WANDB_MODES), w.mode)
+    for key, value in (("track.wandb.project", w.project), ("track.wandb.entity", w.entity)):
+        if value is not None and (not value.strip() or "/" in value):
+            fail(key, "a name without '/', or null", value)
 
 
 def _is_range(args: list, positive: bool) -> bool:
