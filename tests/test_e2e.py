@@ -105,7 +105,7 @@ def test_adapter_loads_with_peft_and_reproduces_the_scores(quickstart):
     items = eval_items(cfg, run_dir / "corpus")
     tok = gen.tokenizer
     max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
-    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
+    answers = gen.generate(gen.prompts(items), max_new, cfg.eval.batch_size)
     scores = score_predictions(cfg, read_manifest(run_dir / "corpus"), items,
                                {i["id"]: a for i, a in zip(items, answers)})
     for source, metrics in result["eval"].items():

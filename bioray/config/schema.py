@@ -64,7 +64,9 @@ class CorpusSection:
     sample_dir: Optional[str] = None
     """If set, bioray first writes its synthetic sample files (iob/re/nli) into this folder."""
     template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
-    """Prompt layout; the answer follows it directly. Default: the paper's layout."""
+    """Prompt layout, holding {instruction} and {input}; the answer follows it directly. Default: the paper's layout. `chat`: the tokenizer's own chat template (user turn = instruction, blank line, input; loss on the answer and the end-of-turn token); needs a model whose tokenizer has one (not tiny)."""
+    system_prompt: Optional[str] = None
+    """template chat only: a system turn before each record's user turn; null = none (some templates, Gemma's, refuse one)."""
     max_rejected_fraction: float = 0.001
     """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
     shard_mib: int = 64

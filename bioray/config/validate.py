@@ -38,6 +38,7 @@ TASK_METRICS = {"ner": ("f1", "precision", "recall", "parse_rate", "n"), "re": (
                 "cls": ("f1", "accuracy", "parse_rate", "n"), "nli": ("accuracy", "parse_rate", "n"),
                 "qa": ("accuracy", "parse_rate", "n")}
 TEMPLATE_FIELDS = ("instruction", "input")
+CHAT_TEMPLATE = "chat"  # corpus.template: the tokenizer's own chat template (bioray.corpus.templates.CHAT)
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Query parameters of a pyarrow S3 URI that carry credentials (s3://bucket/path?access_key=...).
 _URI_SECRETS = ("access_key", "secret_key", "session_token")
@@ -77,6 +78,7 @@ def validate(cfg: Config) -> None:
     validate_mixture(cfg.mixture)
     validate_eval(cfg.eval)
     validate_tune(cfg.tune)
+    validate_chat_model(cfg)
     validate_mixture_weights(cfg)
     validate_eval_score(cfg)
     validate_tune_space(cfg)
@@ -142,15 +144,26 @@ def validate_corpus(c: CorpusSection) -> None:
             fail(f"{key}.instructions", "a non-empty list or null", s.instructions)
     if not 0 <= c.max_rejected_fraction <= 1:
         fail("corpus.max_rejected_fraction", "a fraction in [0, 1]", c.max_rejected_fraction)
+    _validate_template(c)
+    _at_least("corpus.shard_mib", c.shard_mib, 1)
+    _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
+
+
+def _validate_template(c: CorpusSection) -> None:
+    if c.template == CHAT_TEMPLATE:
+        if c.system_prompt is not None and not c.system_prompt.strip():
+            fail("corpus.system_prompt", "a non-empty system prompt or null", c.system_prompt)
+        return
+    if c.system_prompt is not None:
+        fail("corpus.system_prompt", "null unless corpus.template is chat (a layout has no system turn)",
+             c.system_prompt)
     for k in TEMPLATE_FIELDS:
         if "{%s}" % k not in c.template:
-            fail("corpus.template", "a layout containing {%s}" % k, c.template)
+            fail("corpus.template", "a layout containing {%s}, or chat" % k, c.template)
     unknown = [f for f in _TEMPLATE_FIELD.findall(c.template) if f not in TEMPLATE_FIELDS]
     if unknown:
         # It would reach every prompt as literal text: the model would learn it, never a value.
         fail("corpus.template", "fields {instruction} and {input} only (unknown: {%s})" % unknown[0], c.template)
-    _at_least("corpus.shard_mib", c.shard_mib, 1)
-    _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
 
 
 def validate_model(m: ModelSection) -> None:
@@ -292,6 +305,13 @@ def _is_range(args: list, positive: bool) -> bool:
     if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args):
         return False
     return args[0] <= args[1] and (args[0] > 0 or not positive)
+
+
+def validate_chat_model(cfg: Config) -> None:
+    """``corpus.template: chat`` needs a tokenizer with a chat template, which the tiny base's has not."""
+    if cfg.corpus.template == CHAT_TEMPLATE and cfg.model.name_or_path == "tiny":
+        fail("corpus.template", "a layout with {instruction} and {input} for model.name_or_path: tiny (its "
+             "tokenizer has no chat template; chat needs a chat/instruct model)", cfg.corpus.template)
 
 
 def validate_mixture_weights(cfg: Config) -> None:
