@@ -19,12 +19,17 @@ from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
     from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
-                                      ModelSection, RunSection, TrainSection, TuneSection)
+                                      ModelSection, RunSection, SourceConfig, TrainSection, TuneSection)
 
-FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions")
+FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions", "messages")
 TASKS = ("ner", "re", "nli", "cls", "qa")
 SPLITS = ("train", "validation", "test")
-# Which task each structured format produces; `instructions` carries its own.
+# The fields a record of each format is read from, in rows (JSON lines, Parquet, datasets): what
+# `columns` may map (bioray.corpus.sources reads them).
+FORMAT_FIELDS = {"iob": ("tokens", "tags"), "re_masked": ("sentence", "label"),
+                 "nli": ("sentence1", "sentence2", "gold_label"), "multilabel": ("text", "labels"),
+                 "instructions": ("instruction", "input", "output"), "messages": ("messages",)}
+# Which task each structured format produces; `instructions` and `messages` carry their own.
 FORMAT_TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls"}
 # bioray's own schedule, then the transformers schedulers that need no argument beyond the steps
 # (tests/test_config.py checks every name is transformers' own).
@@ -137,6 +142,7 @@ def validate_corpus(c: CorpusSection) -> None:
         for split in s.files:
             if split not in SPLITS:
                 fail(f"{key}.files", "split names among " + ", ".join(SPLITS), split)
+        _validate_rows(s, key)
         if s.format == "re_masked" and s.negative_label is not None and s.labels is not None:
             if s.negative_label not in s.labels.values():
                 fail(f"{key}.negative_label", "one of the labels map's answer words", s.negative_label)
@@ -147,6 +153,35 @@ def validate_corpus(c: CorpusSection) -> None:
     _validate_template(c)
     _at_least("corpus.shard_mib", c.shard_mib, 1)
     _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
+
+
+def _validate_rows(s: SourceConfig, key: str) -> None:
+    """A source's `datasets` keys and its column mapping."""
+    if s.dataset is None:
+        for name in ("subset", "splits"):
+            if getattr(s, name) is not None:
+                fail(f"{key}.{name}", f"null unless {key}.dataset is set", getattr(s, name))
+        if s.format == "iob" and s.columns is not None:
+            fail(f"{key}.columns", "null for iob files (token<TAB>tag lines have no columns)", s.columns)
+    else:
+        if not s.dataset.strip():
+            fail(f"{key}.dataset", "a dataset folder or hub name", s.dataset)
+        if s.files:
+            fail(f"{key}.files", f"empty when {key}.dataset is set (its splits say what to read)", s.files)
+        if not s.splits:
+            fail(f"{key}.splits", "a mapping of bioray splits to the dataset's, e.g. {train: train, validation: "
+                 "validation}", s.splits)
+        for split, name in s.splits.items():
+            if split not in SPLITS:
+                fail(f"{key}.splits", "bioray split names among " + ", ".join(SPLITS), split)
+            if not name.strip():
+                fail(f"{key}.splits.{split}", "the dataset's split name", name)
+    fields = FORMAT_FIELDS.get(s.format, ())
+    for name, column in (s.columns or {}).items():
+        if name not in fields:
+            fail(f"{key}.columns", f"fields of format {s.format}: {', '.join(fields)}", name)
+        if not column.strip():
+            fail(f"{key}.columns.{name}", "a column name", column)
 
 
 def _validate_template(c: CorpusSection) -> None:
@@ -324,7 +359,7 @@ def validate_mixture_weights(cfg: Config) -> None:
     for name in m.weights:
         if name not in keys:
             fail(f"mixture.weights.{name}", f"a {m.by} name among {sorted(keys)}", name)
-    keys_used = {s.name if m.by == "source" else s.task for s in sources if "train" in s.files}
+    keys_used = {s.name if m.by == "source" else s.task for s in sources if "train" in s.split_names()}
     if m.weights and keys_used and all(m.weight(k) == 0 for k in keys_used):
         fail("mixture.weights", "at least one positive weight", m.weights)
 

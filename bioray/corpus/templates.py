@@ -125,7 +125,7 @@ def _join_choices(words: list[str]) -> str:
 def _default_set(source: SourceConfig, index: int) -> tuple[str, ...]:
     if source.task == "ner":
         if source.entity is None:
-            if source.format == "instructions":
+            if source.format in ("instructions", "messages"):
                 # Its records bring their own instructions; with no entity to name, bioray has
                 # none to fill in empty ones (such records are rejected, see corpus.build).
                 return ()
