@@ -64,12 +64,11 @@ class Tokenise:
     """
 
     def __init__(self, tokenizer, template: str, max_seq_len: int, overlong: str,
-                 probe: Iterable[str] = (), threads: int | None = None):
-        from bioray.corpus import render_prompt
+                 probe: Iterable[str] = (), threads: int | None = None, system_prompt: str | None = None):
+        from bioray.corpus import PromptFormat
 
-        self.render = render_prompt
-        self.template, self.max_len, self.overlong = template, max_seq_len, overlong
-        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.format = PromptFormat(template, tokenizer, system_prompt)
+        self.max_len, self.overlong = max_seq_len, overlong
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend_json = backend.to_str() if backend is not None and _backend_agrees(tokenizer, probe) else None
@@ -97,10 +96,10 @@ class Tokenise:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["instruction", "input", "output"]).to_pydict()
-        prompt_ids = self._encode([self.render(self.template, i, x) for i, x in zip(rows["instruction"], rows["input"])])
+        prompt_ids = self._encode(self.format.render(rows["instruction"], rows["input"]))
         answer_ids = self._encode(rows["output"])
-        head = [] if self.bos is None else [self.bos]
-        eos = [self.eos]
+        # The answer's end (EOS, or a chat template's end of turn) is labelled: generation learns to stop.
+        head, eos = self.format.head, [self.format.end]
         keep, ids_out, labels_out, truncated = [], [], [], []
         for k, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
             p = head + p
@@ -135,16 +134,21 @@ def _backend_agrees(tokenizer, texts: Iterable[str]) -> bool:
     return direct == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def probe_texts(corpus_dir: Path, template: str, n: int = 64) -> list[str]:
-    """Prompts and answers of the first records: where the backend check looks."""
-    from bioray.corpus import render_prompt
+def probe_texts(corpus_dir: Path, prompts, n: int = 64) -> list[str]:
+    """Prompts and answers of the first records: where the backend check looks.
+
+    Args:
+        corpus_dir: The built corpus.
+        prompts: The run's :class:`~bioray.corpus.PromptFormat`.
+        n: Records to take.
+    """
     from bioray.corpus.read import shard_paths
 
     for path in shard_paths(corpus_dir):
         f = pq.ParquetFile(path)
         if f.metadata.num_row_groups:
             rows = f.read_row_group(0, columns=["instruction", "input", "output"]).slice(0, n).to_pydict()
-            return [render_prompt(template, i, x) for i, x in zip(rows["instruction"], rows["input"])] + rows["output"]
+            return prompts.render(rows["instruction"], rows["input"]) + rows["output"]
     return []
 
 
@@ -166,15 +170,19 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     """
     import ray
 
-    from bioray.corpus import corpus_dataset, read_manifest
+    from bioray.corpus import PromptFormat, corpus_dataset, read_manifest
     from bioray.model import cache_root, load_tokenizer
 
     manifest = read_manifest(corpus_dir)
     tokenizer = load_tokenizer(base_path, cfg)
+    fmt = PromptFormat(cfg.corpus.template, tokenizer, cfg.corpus.system_prompt)  # no chat template: fails here
     key_parts = {
         "version": TOKENISE_VERSION, "corpus": manifest["content_hash"], "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": cfg.corpus.template, "max_seq_len": cfg.data.max_seq_len, "overlong": cfg.data.overlong,
     }
+    if fmt.chat:
+        # The vocabulary alone does not say how a chat template lays prompts out.
+        key_parts.update(chat_template=tokenizer.chat_template, system_prompt=cfg.corpus.system_prompt)
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     out = cache_root(cfg) / "tokenised" / key
     meta = cached_meta(out)
@@ -196,7 +204,7 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     where = file_task_options(cfg.run.storage, cpus)
     cpus, place = where.pop("num_cpus"), where
     fn = Tokenise(tokenizer, cfg.corpus.template, cfg.data.max_seq_len, cfg.data.overlong,
-                  probe=probe_texts(corpus_dir, cfg.corpus.template), threads=max(1, int(cpus)))
+                  probe=probe_texts(corpus_dir, fmt), threads=max(1, int(cpus)), system_prompt=cfg.corpus.system_prompt)
     if not fn.uses_backend:
         log.info("tokenising through transformers (the tokenizer has no Rust backend that gives the same ids)")
     try:

@@ -452,8 +452,8 @@ def _check_run_dir(run_dir: Path) -> None:
 def _check_eval_split(cfg: Config) -> None:
     """Some source must have the split that checkpoints are scored on, or training ends unscored."""
     split = cfg.eval.split
-    if not any(split in s.files for s in cfg.corpus.sources):
-        have = sorted({k for s in cfg.corpus.sources for k in s.files})
+    if not any(split in s.split_names() for s in cfg.corpus.sources):
+        have = sorted({k for s in cfg.corpus.sources for k in s.split_names()})
         raise ConfigError(f"config key 'eval.split': no source has a {split!r} file; set it to one the sources "
                           f"have ({', '.join(have)})")
 
@@ -461,7 +461,7 @@ def _check_eval_split(cfg: Config) -> None:
 def _check_search_space(cfg: Config) -> None:
     """A search with something to search: the same rule as ``bioray.tune.param_space``, before any stage runs."""
     t = cfg.tune
-    weighted = [s for s in cfg.corpus.sources if "train" in s.files and cfg.source_weight(s.name) > 0]
+    weighted = [s for s in cfg.corpus.sources if "train" in s.split_names() and cfg.source_weight(s.name) > 0]
     keys = {s.task if cfg.mixture.by == "task" else s.name for s in weighted}
     if t.lr is None and t.rank is None and not t.space and not (t.mixture and len(keys) > 1):
         raise ConfigError("config key 'tune': nothing to search (tune.lr, tune.rank and tune.space are null or "

@@ -75,7 +75,7 @@ def rescore(best: Path, corpus_dir: Path) -> dict:
     items = eval_items(cfg, corpus_dir)
     tok = gen.tokenizer
     max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
-    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
+    answers = gen.generate(gen.prompts(items), max_new, cfg.eval.batch_size)
     return score_predictions(cfg, read_manifest(corpus_dir), items, {i["id"]: a for i, a in zip(items, answers)})
 
 

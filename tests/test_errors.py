@@ -334,6 +334,20 @@ CASES: dict[str, Case] = {
         "bioray: error: config key 'model.name_or_path': {dir}/bare has no tokenizer (none of tokenizer.json, "
         "tokenizer_config.json, tokenizer.model, vocab.json)",
         files=_folder("bare", {"config.json": "{}", "model.safetensors": b"\0" * 16})),
+    "dataset-split": Case(
+        "prepare", "corpus", "a `dataset:` source naming a split the dataset does not have",
+        ("--config", "base.yaml", "--set", "corpus.sources.0.files={}", "--set", "corpus.sources.0.dataset=./hf",
+         "--set", "corpus.sources.0.splits={train: train, validation: dev}"),
+        "bioray: error: config key 'corpus.sources[0].splits.validation': ./hf has no split 'dev' (it has: test, "
+        "train)",
+        files={"hf/train.jsonl": '{"tokens": ["a"], "tags": ["O"]}\n', "hf/test.jsonl": '{"tokens": ["b"], "tags": ["O"]}\n'}),
+    "model-no-chat-template": Case(
+        "finetune", "model", "`corpus.template: chat` with a model whose tokenizer has no chat template",
+        ("--config", "base.yaml", "--set", "model.name_or_path=plain", "--set", "corpus.template=chat"),
+        "bioray: error: config key 'model.name_or_path': {dir}/plain's tokenizer has no chat template, which "
+        "corpus.template: chat needs (use a chat/instruct model, or a layout with {instruction} and {input})",
+        files=_folder("plain", {"config.json": "{}", "tokenizer.json": "{}", "tokenizer_config.json": "{}",
+                                "model.safetensors": b"\0" * 16})),
     # ------------------------------------------------------------------ checkpoints
     "ckpt-missing": Case(
         "evaluate", "checkpoint", "a checkpoint folder that is not there",

@@ -35,12 +35,20 @@ class SourceConfig:
     name: str = ""
     """Unique source name; mixture weights, reports and record ids key on it."""
     format: str = "iob"
-    """File layout: iob | re_masked | nli | multilabel | instructions."""
+    """Record layout: iob | re_masked | nli | multilabel | instructions | messages (chat records: OpenAI `messages` or ShareGPT `conversations`; the last assistant turn is the answer)."""
     task: str = "ner"
     """ner | re | nli | cls | qa: decides the answer parser and the metric."""
     files: dict[str, str] = field(default_factory=dict)
     """Split name (train/validation/test) -> file path (relative to the working directory); `${BIORAY_DATA}`
     stands for the data root (`bioray data fetch` writes there; default ~/.local/share/bioray)."""
+    dataset: Optional[str] = None
+    """Instead of files: a Hugging Face `datasets` source: a folder written by save_to_disk, a folder of data files (json/jsonl/csv/parquet, read by load_dataset), or a hub name; needs splits."""
+    subset: Optional[str] = None
+    """dataset only: the hub dataset's configuration (load_dataset's second argument); null = its default."""
+    splits: Optional[dict[str, str]] = None
+    """dataset only: bioray split (train/validation/test) -> the dataset's split name, e.g. {train: train, validation: dev}; a saved single Dataset is split `train`."""
+    columns: Optional[dict[str, str]] = None
+    """Row layouts (JSON lines, Parquet, datasets): the format's field -> the column that holds it, e.g. {input: question, output: answer}; null = the fields' own names. Fields: iob (dataset only) tokens, tags; re_masked sentence, label; nli sentence1, sentence2, gold_label; multilabel text, labels; instructions instruction, input, output; messages messages."""
     entity: Optional[str] = None
     """iob only: what the instruction asks the model to tag (e.g. disease)."""
     typed: bool = False
@@ -56,6 +64,10 @@ class SourceConfig:
     reference: Optional[dict[str, Any]] = None
     """Published scores to print beside ours, e.g. {metric: f1, paper_13b: 85.69} (percent)."""
 
+    def split_names(self) -> list[str]:
+        """The bioray splits this source has: its files' keys, or its dataset's ``splits`` keys."""
+        return list(self.splits or {}) if self.dataset is not None else list(self.files)
+
 
 @dataclass
 class CorpusSection:
@@ -64,7 +76,9 @@ class CorpusSection:
     sample_dir: Optional[str] = None
     """If set, bioray first writes its synthetic sample files (iob/re/nli) into this folder."""
     template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
-    """Prompt layout; the answer follows it directly. Default: the paper's layout."""
+    """Prompt layout, holding {instruction} and {input}; the answer follows it directly. Default: the paper's layout. `chat`: the tokenizer's own chat template (user turn = instruction, blank line, input; loss on the answer and the end-of-turn token); needs a model whose tokenizer has one (not tiny)."""
+    system_prompt: Optional[str] = None
+    """template chat only: a system turn before each record's user turn; null = none (some templates, Gemma's, refuse one)."""
     max_rejected_fraction: float = 0.001
     """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
     shard_mib: int = 64

@@ -24,8 +24,12 @@ NAMESPACE = "bioray"
 
 
 def eval_items(cfg: Config, corpus_dir: Path) -> list[dict]:
-    """The held-out records every checkpoint is scored on: ``eval.split``, ``eval.max_examples`` per source."""
-    from bioray.corpus import read_manifest, read_records, render_prompt
+    """The held-out records every checkpoint is scored on: ``eval.split``, ``eval.max_examples`` per source.
+
+    Each keeps its instruction and input; a scorer lays out the prompts with its tokenizer
+    (``Generator.prompts``), as a chat template needs one.
+    """
+    from bioray.corpus import read_manifest, read_records
 
     manifest = read_manifest(corpus_dir)
     items = []
@@ -33,9 +37,8 @@ def eval_items(cfg: Config, corpus_dir: Path) -> list[dict]:
         if cfg.eval.split not in manifest["sources"].get(source.name, {}).get("splits", {}):
             continue
         for r in read_records(corpus_dir, source.name, cfg.eval.split, limit=cfg.eval.max_examples):
-            items.append({"id": r["id"], "source": r["source"], "task": r["task"], "input": r["input"],
-                          "output": r["output"],
-                          "prompt": render_prompt(cfg.corpus.template, r["instruction"], r["input"])})
+            items.append({"id": r["id"], "source": r["source"], "task": r["task"], "instruction": r["instruction"],
+                          "input": r["input"], "output": r["output"]})
     return items
 
 
@@ -140,7 +143,7 @@ class Scorer:
             with checkpoint.as_directory() as d:
                 self.generator.use(d)
         start = time.time()
-        prompts = [i["prompt"] for i in self.items]
+        prompts = self.generator.prompts(self.items)
         if self.specs is None:
             answers = self.generator.generate(prompts, self.max_new, self.cfg.eval.batch_size, self.cfg.eval.num_beams)
         else:
