@@ -68,7 +68,7 @@ def timed(fn) -> tuple[list[str], float, float]:
 
 def bench_source(gen: Generator, cfg, items: list[dict], specs: list, repeats: int) -> dict:
     """Answers (last run), fastest wall-clock and least CPU seconds of ``repeats`` runs of each decoding."""
-    prompts = [i["prompt"] for i in items]
+    prompts = gen.prompts(items)
     caps = answer_caps(gen.tokenizer, items, cfg.eval.max_new_tokens)
     decode = {"free": lambda: gen.generate(prompts, caps, cfg.eval.batch_size, cfg.eval.num_beams),
               "constrained": lambda: gen.constrained(prompts, specs, caps, cfg.eval.batch_size, cfg.eval.num_beams)}
@@ -103,7 +103,7 @@ def main() -> None:
     gen = Generator(checkpoint_base(ckpt), cfg)
     gen.use(ckpt)
     specs = answer_specs(cfg, manifest, items)
-    gen.generate([items[0]["prompt"]], [4], 1)  # warm-up: first-call allocations are not decoding
+    gen.generate(gen.prompts(items[:1]), [4], 1)  # warm-up: first-call allocations are not decoding
 
     sources, totals = {}, {"free": [0.0, 0, 0.0, 0.0], "constrained": [0.0, 0, 0.0, 0.0]}  # s, n, parsed, cpu s
     methods = source_decoding(config.from_dict({**config.to_dict(cfg), "eval": {**config.to_dict(cfg)["eval"],

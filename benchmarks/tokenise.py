@@ -130,7 +130,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    from bioray.corpus import build_corpus
+    from bioray.corpus import PromptFormat, build_corpus
     from bioray.data import Tokenise, probe_texts, tokenise
     from bioray.model import load_tokenizer
 
@@ -144,8 +144,9 @@ def main() -> None:
         cache, meta = tokenise(cfg, corpus_dir, tok_path)
         bioray_s = time.perf_counter() - start
         ray.shutdown()
-        same = Tokenise(load_tokenizer(tok_path, cfg), cfg.corpus.template, cfg.data.max_seq_len,
-                        cfg.data.overlong, probe=probe_texts(corpus_dir, cfg.corpus.template))
+        tok = load_tokenizer(tok_path, cfg)
+        same = Tokenise(tok, cfg.corpus.template, cfg.data.max_seq_len, cfg.data.overlong,
+                        probe=probe_texts(corpus_dir, PromptFormat(cfg.corpus.template, tok)))
         ds_s, ds_tokens = _datasets_map(cfg, corpus_dir, same, work)
         hf_s, hf_tokens = _datasets_map(cfg, corpus_dir, _HFCall(tok_path, cfg.corpus.template), work)
         raw_s, raw_tokens = _raw(cfg, corpus_dir, tok_path)

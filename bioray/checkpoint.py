@@ -37,7 +37,7 @@ DEEPSPEED_TAG = "deepspeed"
 NOT_TRAINING_KEYS = ("run.dir", "run.storage", "run.name", "run.resume", "run.quiet", "data.cache_dir",
                      "data.tokenise_batch_size", "data.tokenise_tasks", "data.tokenise_cpus", "corpus.shard_mib",
                      "train.max_failures", "train.keep_checkpoints", "train.report_every", "train.cpus_per_worker",
-                     "eval", "tune")
+                     "eval", "tune", "track")
 
 
 def checksums_file(rank: int) -> str:

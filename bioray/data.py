@@ -30,6 +30,7 @@ from bioray import tempdirs
 from bioray.config import Config
 from bioray.corpus.read import LIGHT_CPUS
 from bioray.errors import ConfigError, DataError
+from bioray.storage import file_task_options
 
 log = logging.getLogger("bioray")
 
@@ -63,12 +64,11 @@ class Tokenise:
     """
 
     def __init__(self, tokenizer, template: str, max_seq_len: int, overlong: str,
-                 probe: Iterable[str] = (), threads: int | None = None):
-        from bioray.corpus import render_prompt
+                 probe: Iterable[str] = (), threads: int | None = None, system_prompt: str | None = None):
+        from bioray.corpus import PromptFormat
 
-        self.render = render_prompt
-        self.template, self.max_len, self.overlong = template, max_seq_len, overlong
-        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.format = PromptFormat(template, tokenizer, system_prompt)
+        self.max_len, self.overlong = max_seq_len, overlong
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend_json = backend.to_str() if backend is not None and _backend_agrees(tokenizer, probe) else None
@@ -96,10 +96,10 @@ class Tokenise:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["instruction", "input", "output"]).to_pydict()
-        prompt_ids = self._encode([self.render(self.template, i, x) for i, x in zip(rows["instruction"], rows["input"])])
+        prompt_ids = self._encode(self.format.render(rows["instruction"], rows["input"]))
         answer_ids = self._encode(rows["output"])
-        head = [] if self.bos is None else [self.bos]
-        eos = [self.eos]
+        # The answer's end (EOS, or a chat template's end of turn) is labelled: generation learns to stop.
+        head, eos = self.format.head, [self.format.end]
         keep, ids_out, labels_out, truncated = [], [], [], []
         for k, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
             p = head + p
@@ -134,16 +134,21 @@ def _backend_agrees(tokenizer, texts: Iterable[str]) -> bool:
     return direct == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def probe_texts(corpus_dir: Path, template: str, n: int = 64) -> list[str]:
-    """Prompts and answers of the first records: where the backend check looks."""
-    from bioray.corpus import render_prompt
+def probe_texts(corpus_dir: Path, prompts, n: int = 64) -> list[str]:
+    """Prompts and answers of the first records: where the backend check looks.
+
+    Args:
+        corpus_dir: The built corpus.
+        prompts: The run's :class:`~bioray.corpus.PromptFormat`.
+        n: Records to take.
+    """
     from bioray.corpus.read import shard_paths
 
     for path in shard_paths(corpus_dir):
         f = pq.ParquetFile(path)
         if f.metadata.num_row_groups:
             rows = f.read_row_group(0, columns=["instruction", "input", "output"]).slice(0, n).to_pydict()
-            return [render_prompt(template, i, x) for i, x in zip(rows["instruction"], rows["input"])] + rows["output"]
+            return prompts.render(rows["instruction"], rows["input"]) + rows["output"]
     return []
 
 
@@ -165,15 +170,19 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     """
     import ray
 
-    from bioray.corpus import corpus_dataset, read_manifest
+    from bioray.corpus import PromptFormat, corpus_dataset, read_manifest
     from bioray.model import cache_root, load_tokenizer
 
     manifest = read_manifest(corpus_dir)
     tokenizer = load_tokenizer(base_path, cfg)
+    fmt = PromptFormat(cfg.corpus.template, tokenizer, cfg.corpus.system_prompt)  # no chat template: fails here
     key_parts = {
         "version": TOKENISE_VERSION, "corpus": manifest["content_hash"], "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": cfg.corpus.template, "max_seq_len": cfg.data.max_seq_len, "overlong": cfg.data.overlong,
     }
+    if fmt.chat:
+        # The vocabulary alone does not say how a chat template lays prompts out.
+        key_parts.update(chat_template=tokenizer.chat_template, system_prompt=cfg.corpus.system_prompt)
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     out = cache_root(cfg) / "tokenised" / key
     meta = cached_meta(out)
@@ -191,19 +200,22 @@ def tokenise(cfg: Config, corpus_dir: Path, base_path: str) -> tuple[Path, dict]
     start = time.time()
     # A request larger than the whole cluster would wait forever (a 1-CPU laptop, say).
     cpus = min(cfg.data.tokenise_cpus, ray.cluster_resources().get("CPU", 1.0))
+    # On the driver's node when no filesystem is shared: the corpus and the cache are its files.
+    where = file_task_options(cfg.run.storage, cpus)
+    cpus, place = where.pop("num_cpus"), where
     fn = Tokenise(tokenizer, cfg.corpus.template, cfg.data.max_seq_len, cfg.data.overlong,
-                  probe=probe_texts(corpus_dir, cfg.corpus.template), threads=max(1, int(cpus)))
+                  probe=probe_texts(corpus_dir, fmt), threads=max(1, int(cpus)), system_prompt=cfg.corpus.system_prompt)
     if not fn.uses_backend:
         log.info("tokenising through transformers (the tokenizer has no Rust backend that gives the same ids)")
     try:
         ds = corpus_dataset(corpus_dir, split="train", columns=_COLUMNS, num_cpus=cpus,
-                            rows_per_block=cfg.data.tokenise_batch_size)
+                            rows_per_block=cfg.data.tokenise_batch_size, ray_remote_args=place)
         ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
-                            concurrency=cfg.data.tokenise_tasks)
+                            concurrency=cfg.data.tokenise_tasks, **place)
         # Ray Data reserves a share of the cluster per operator; with the single fused operator
         # here that only idles CPUs (measured: one task at a time on 2 CPUs, twice the time).
         ds.context.op_resource_reservation_enabled = False
-        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus})
+        ds.write_parquet(str(tmp / "data"), ray_remote_args={"num_cpus": cpus, **place})
         meta = _cache_meta(tmp / "data", manifest, key_parts, time.time() - start)
         if cfg.data.overlong == "error":
             _refuse_overlong(cfg, corpus_dir, tmp / "data", meta)
@@ -347,8 +359,11 @@ def mixture_counts(cfg: Config, counts: dict[str, int], tasks: dict[str, str]) -
     return out
 
 
-def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
-    """The mixed, shuffled and (optionally) packed training Dataset for one run or trial."""
+def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None, node: str | None = None):
+    """The mixed, shuffled and (optionally) packed training Dataset for one run or trial.
+
+    ``node``: the node that holds ``cache_dir`` when no filesystem is shared (default: this one).
+    """
     import ray
 
     meta = json.loads((cache_dir / "meta.json").read_text())
@@ -366,8 +381,10 @@ def training_dataset(cfg: Config, cache_dir: Path, seed: int | None = None):
 
     # Not read_parquet: its file-listing task asks a whole CPU, which a Tune trial may never get
     # while other trials train (seen here: a search waited forever on 0.9 free CPUs).
+    where = file_task_options(cfg.run.storage, LIGHT_CPUS, node)  # the cache is the driver's when no filesystem is shared
     base = read_row_groups(sorted(str(p) for p in (cache_dir / "data").glob("*.parquet")),
-                           columns=["source", "input_ids", "labels"], num_cpus=LIGHT_CPUS)
+                           columns=["source", "input_ids", "labels"], num_cpus=where.pop("num_cpus"),
+                           ray_remote_args=where)
     parts = []
     for i, (name, n) in enumerate(sorted(plan.items())):
         ds = base.filter(expr=col("source") == name, num_cpus=LIGHT_CPUS)

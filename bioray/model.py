@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from bioray import tempdirs
-from bioray.config import Config
+from bioray.config import CHAT_TEMPLATE, Config
+from bioray.corpus.templates import has_chat_template
 from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,7 +93,8 @@ def check_model_folder(folder: Path, cfg: Config, named_by: str) -> None:
         named_by: Where the folder came from (a config key, a flag), for the error.
 
     Raises:
-        ConfigError: no config.json, no tokenizer, pickle weights only, or no weights.
+        ConfigError: no config.json, no tokenizer (or no chat template where ``corpus.template`` is chat),
+            pickle weights only, or no weights.
     """
     if not folder.is_dir():
         raise ConfigError(f"{named_by}: {folder} is not a folder (expected a Hugging Face model folder)")
@@ -100,6 +102,9 @@ def check_model_folder(folder: Path, cfg: Config, named_by: str) -> None:
         raise ConfigError(f"{named_by}: {folder} has no config.json (not a Hugging Face model folder)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{named_by}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if cfg.corpus.template == CHAT_TEMPLATE and not has_chat_template(folder):
+        raise ConfigError(f"{named_by}: {folder}'s tokenizer has no chat template, which corpus.template: chat needs "
+                          f"(use a chat/instruct model, or a layout with {{instruction}} and {{input}})")
     if any(folder.glob(SAFE_WEIGHTS)):
         return
     pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))

@@ -10,6 +10,10 @@ One process writes both: a small :class:`MetricsLog` actor (no CPUs, on the driv
   scored checkpoint (task score and each source's metrics), written when the scores exist, so a
   checkpoint that ``train.keep_checkpoints`` later deletes is still in the log.
 
+Trackers (:mod:`bioray.track`, ``track.*`` in the config): the same writer forwards each record
+to the MLflow and W&B runs it was started with, and the driver tells it the best checkpoint at
+the end. A tracker that fails is dropped with one warning; the run and ``metrics.jsonl`` go on.
+
 Resume: a ``train`` record whose step is not beyond the last one logged means training restarted
 from a checkpoint (a worker-group restart, or a new driver on the same ``run.dir``); records at
 that step and after are dropped from ``metrics.jsonl`` (rewritten atomically) and purged from
@@ -24,6 +28,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 from bioray._ray import UserCallback
 from bioray.files import write_text
@@ -40,12 +45,15 @@ TRAIN_KEYS = ("loss", "lr", "tokens_per_s")
 class MetricsLog:
     """Owns ``run.dir/metrics.jsonl`` and ``run.dir/tensorboard/``: the one writer of both."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, trackers: Sequence = ()):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / METRICS_FILE
         self.records = read_metrics(self.path)
         self._tb = None
+        self.trackers = list(trackers)
+        self._forward("start")
+        self._finished = False
 
     def train(self, metrics: dict) -> None:
         """Logs one training report (``step``, ``loss``, ``lr``, ``tokens_per_s``)."""
@@ -73,6 +81,7 @@ class MetricsLog:
         for i, v in enumerate(losses):
             tb.add_scalar("train/step_loss", v, step - len(losses) + 1 + i)
         tb.flush()
+        self._forward("train", record)
 
     def scores(self, step: int, score: float | None, results: dict, checkpoint: str | None = None) -> None:
         """Logs one scored checkpoint: its task score and ``{source: {metric: value}}``."""
@@ -91,6 +100,12 @@ class MetricsLog:
                 if metric != "n" and isinstance(value, (int, float)):
                     tb.add_scalar(f"eval/{source}/{metric}", value, step)
         tb.flush()
+        self._forward("scores", record)
+
+    def best(self, checkpoint: str, step: int | None, score: float | None) -> None:
+        """Tells the trackers the run's best checkpoint (its URI); the run then counts as finished."""
+        self._forward("best", checkpoint, step, score)
+        self._finished = True
 
     def latest_score(self) -> dict | None:
         """The newest scored checkpoint so far: ``{"step", "score"}``, or None before any."""
@@ -101,11 +116,24 @@ class MetricsLog:
         return {"step": last["step"], "score": last["score"]}
 
     def close(self) -> list[dict]:
-        """Flushes TensorBoard and returns every record (train and eval, in the order logged)."""
+        """Flushes TensorBoard, ends the trackers' runs (failed, unless :meth:`best` was told) and
+        returns every record (train and eval, in the order logged)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self._forward("close", self._finished)
+        self.trackers = []
         return list(self.records)
+
+    def _forward(self, method: str, *args) -> None:
+        """Calls ``method`` on each tracker; one that fails is dropped (metrics are a view of the run)."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:  # noqa: BLE001 - a tracker's server or package, never the run
+                self.trackers.remove(tracker)
+                log.warning("metrics: %s stopped logging (%s failed: %s)", type(tracker).__name__, method,
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
     def _append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -146,8 +174,11 @@ def _rewrite(path: Path, records: list[dict]) -> None:
 # ---------------------------------------------------------------------------- on Ray
 
 
-def start_metrics_log(run_dir: Path):
-    """Starts the run's :class:`MetricsLog` actor on this (the driver's) node; returns its handle."""
+def start_metrics_log(run_dir: Path, trackers: Sequence = ()):
+    """Starts the run's :class:`MetricsLog` actor on this (the driver's) node; returns its handle.
+
+    ``trackers`` (:func:`bioray.track.trackers`) start in the actor and get every record.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -157,7 +188,12 @@ def start_metrics_log(run_dir: Path):
         name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
         # run.dir is a folder on the driver's machine: the writer must run there.
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(str(Path(run_dir).resolve()))
+    ).remote(str(Path(run_dir).resolve()), trackers)
+
+
+def log_best(handle, checkpoint: str, step: int | None, score: float | None) -> None:
+    """Tells the run's metrics log (and so its trackers) the best checkpoint, before it closes."""
+    _send(handle.best.remote(checkpoint, step, score), "the best checkpoint")
 
 
 def stop_metrics_log(handle, run_dir: Path) -> list[dict]:

@@ -24,7 +24,8 @@ from bioray.corpus.sources import quote
 from bioray.errors import CheckpointError, ConfigError, DataError
 from bioray.files import write_json, write_text, write_via
 from bioray.optim import optimizer_class
-from bioray.storage import full_uri, is_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
+from bioray.storage import (full_uri, is_uri, latest_checkpoint, local_copy, move_aside, publish_folder, read_text,
+                            run_root, shared_filesystem, upload)
 
 log = logging.getLogger("bioray")
 
@@ -41,6 +42,10 @@ class Stages:
     """The tokenised cache of the corpus's train split."""
     cache_meta: dict
     """The cache's ``meta.json`` (per-source counts), with ``tokenised_now``."""
+    base_uri: str | None = None
+    """Where nodes that cannot see ``base_path`` download the base from (``run.storage`` a URI); else None."""
+    node: str | None = None
+    """The Ray node whose disk holds these files when no filesystem is shared (the driver's); else None."""
 
 
 def prepare(cfg: Config) -> Path:
@@ -63,7 +68,22 @@ def shared_stages(cfg: Config) -> Stages:
     corpus_dir = prepare(cfg)
     base_path = resolve_base(cfg, corpus_dir)
     cache_dir, cache_meta = tokenise(cfg, corpus_dir, base_path)
-    return Stages(corpus_dir, base_path, cache_dir, cache_meta)
+    base_uri = node = None
+    if not shared_filesystem(cfg.run.storage):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        # No filesystem every node sees: what the driver built goes to the bucket. The base model is
+        # what other nodes read (training workers and scorers download it once per node); the corpus
+        # and the tokenised cache are read on the driver's node only (bioray.storage.file_task_options)
+        # and copied for the record and for the tools that read a run's folder.
+        started = time.time()
+        if Path(base_path).is_dir():
+            base_uri = publish_folder(base_path, cfg.run.storage, "models")
+        publish_folder(corpus_dir, cfg.run.storage, "corpus")
+        publish_folder(cache_dir, cfg.run.storage, "tokenised")
+        log.info("base model, corpus and tokenised cache on %s (%.1f s)", cfg.run.storage, time.time() - started)
+    return Stages(corpus_dir, base_path, cache_dir, cache_meta, base_uri, node)
 
 
 def pool_name(cfg: Config) -> str:
@@ -83,42 +103,47 @@ def finetune(cfg: Config) -> dict:
     write_text(Path(cfg.run.dir).resolve() / CONFIG_FILE, dump(cfg))
     stages = shared_stages(cfg)
     name = pool_name(cfg)
-    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, name)
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, name, stages.base_uri)
     try:
         return train_and_score(cfg, stages, name)
     finally:
         stop_pool(actors)
 
 
-def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool = False) -> dict:
+def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool = False,
+                    group: str | None = None) -> dict:
     """Trains one config on the shared stages, its checkpoints scored by the named scorer pool.
 
     What a run does after the shared stages; a Tune trial calls it with its own config (and
-    ``tune_reports``: every training report, with the latest task score, goes to Tune).
+    ``tune_reports``: every training report, with the latest task score, goes to Tune; ``group``:
+    the search's name, which the trackers group its trials under).
     Writes ``result.json``, ``scores.md``, ``report.md``, ``curves.png`` under ``cfg.run.dir``
     (the caller writes ``bioray.yaml``).
     """
     from bioray.corpus import read_manifest
     from bioray.data import training_dataset
     from bioray.evaluate.pool import source_decoding, task_score, validate_checkpoint
-    from bioray.observe import start_metrics_log, stop_metrics_log
+    from bioray.observe import log_best, start_metrics_log, stop_metrics_log
     from bioray.report import score_table
+    from bioray.track import trackers
     from bioray.train import fit
 
     run_dir = Path(cfg.run.dir).resolve()
     optimizer_class(cfg.train.optimizer)  # a name torch does not know fails here, not in every worker
-    train_ds, plan = training_dataset(cfg, stages.cache_dir)
+    train_ds, plan = training_dataset(cfg, stages.cache_dir, node=stages.node)
     if cfg.train.epochs is not None:
         train_ds = train_ds.materialize()
         cfg = with_steps_for_epochs(cfg, train_ds.count())
     check_resume(cfg)
-    # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what).
-    metrics_log = start_metrics_log(run_dir)
+    # The one writer of metrics.jsonl and tensorboard/ (see bioray.observe for who sends what), and
+    # of the trackers' runs.
+    metrics_log = start_metrics_log(run_dir, trackers(cfg.track, to_dict(cfg), run_dir,
+                                                      cfg.run.name or run_dir.name, group))
     scoring = {"pool": pool, "num_actors": cfg.eval.num_actors, "config": _json_safe(to_dict(cfg))}
     start = time.time()
     try:
         result = fit(cfg, stages.base_path, train_ds, validate_checkpoint, scoring, metrics_log=metrics_log,
-                     tune_reports=tune_reports)
+                     tune_reports=tune_reports, base_uri=stages.base_uri)
         if result.error:
             raise result.error
         best, best_metrics = _best_scored(result)
@@ -132,6 +157,8 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
             if best_metrics.get("step") is not None:
                 ray.get(metrics_log.scores.remote(best_metrics["step"], best_metrics["score"], results,
                                                   Path(best.path).name))
+        log_best(metrics_log, full_uri(best.path, cfg.run.storage), best_metrics.get("step"),
+                 best_metrics.get("score"))
     finally:
         records = stop_metrics_log(metrics_log, run_dir)
     final = result.metrics or {}
@@ -156,9 +183,27 @@ def train_and_score(cfg: Config, stages: Stages, pool: str, tune_reports: bool =
     table = score_table(cfg, out["eval"])
     write_text(run_dir / "scores.md", table + "\n")
     write_run_report(cfg, out, records, run_dir)
+    publish_run(cfg, run_dir)
     if not tune_reports:
         print(table)
     return out
+
+
+RUN_FILES = (CONFIG_FILE, "result.json", "scores.md", "report.md", "curves.png", "metrics.jsonl", "tensorboard")
+"""What a finished run's folder holds besides checkpoints: copied to ``<run.storage>/<run name>/`` there."""
+
+
+def publish_run(cfg: Config, run_dir: Path) -> None:
+    """Copies the run's result files beside its checkpoints on ``run.storage`` (a URI or another folder)."""
+    if not cfg.run.storage:
+        return
+    root = run_root(cfg.run.dir, cfg.run.storage, cfg.run.name)
+    if not is_uri(root) and Path(root) == run_dir:
+        return
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            upload(run_dir / name, f"{root}/{name}")
+    log.info("result files on %s", root)
 
 
 def with_steps_for_epochs(cfg: Config, rows: int) -> Config:
@@ -366,6 +411,7 @@ def check_inputs(cfg: Config, job: str, checkpoint: str | None = None, predictio
     from bioray.corpus.sources import check_sources
     from bioray.model import check_model_folder, local_model
     from bioray.storage import check_storage
+    from bioray.track import check_trackers
 
     _check_run_dir(Path(cfg.run.dir))
     if not cfg.corpus.sources:
@@ -379,6 +425,7 @@ def check_inputs(cfg: Config, job: str, checkpoint: str | None = None, predictio
             check_model_folder(folder, cfg, "config key 'model.name_or_path'")
     if job in ("finetune", "tune"):
         check_storage(cfg.run.storage)
+        check_trackers(cfg.track)
     if job == "tune":
         _check_search_space(cfg)
     if checkpoint is not None and not is_uri(checkpoint):
@@ -405,8 +452,8 @@ def _check_run_dir(run_dir: Path) -> None:
 def _check_eval_split(cfg: Config) -> None:
     """Some source must have the split that checkpoints are scored on, or training ends unscored."""
     split = cfg.eval.split
-    if not any(split in s.files for s in cfg.corpus.sources):
-        have = sorted({k for s in cfg.corpus.sources for k in s.files})
+    if not any(split in s.split_names() for s in cfg.corpus.sources):
+        have = sorted({k for s in cfg.corpus.sources for k in s.split_names()})
         raise ConfigError(f"config key 'eval.split': no source has a {split!r} file; set it to one the sources "
                           f"have ({', '.join(have)})")
 
@@ -414,7 +461,7 @@ def _check_eval_split(cfg: Config) -> None:
 def _check_search_space(cfg: Config) -> None:
     """A search with something to search: the same rule as ``bioray.tune.param_space``, before any stage runs."""
     t = cfg.tune
-    weighted = [s for s in cfg.corpus.sources if "train" in s.files and cfg.source_weight(s.name) > 0]
+    weighted = [s for s in cfg.corpus.sources if "train" in s.split_names() and cfg.source_weight(s.name) > 0]
     keys = {s.task if cfg.mixture.by == "task" else s.name for s in weighted}
     if t.lr is None and t.rank is None and not t.space and not (t.mixture and len(keys) > 1):
         raise ConfigError("config key 'tune': nothing to search (tune.lr, tune.rank and tune.space are null or "

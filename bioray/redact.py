@@ -16,9 +16,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 # Variables whose whole value is a secret.
 SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "RAY_AUTH_TOKEN", "WANDB_API_KEY")
+               "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "RAY_AUTH_TOKEN", "WANDB_API_KEY",
+               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
 # Variables holding a URL whose user:password part is a secret.
-URL_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+URL_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 MASK = "***"
 # user[:password]@ in any URL, whether or not its values are known.
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")

@@ -1,10 +1,16 @@
-"""Where a run's checkpoints live: a local folder, or object storage every node can reach.
+"""Where a run's checkpoints and results live (a local folder, or object storage every node can reach),
+and how a run works without a filesystem shared by its nodes.
 
 ``run.storage`` is a local path or any URI pyarrow's filesystems accept (``s3://bucket/prefix``,
 ``gs://...``); credentials and the endpoint come from the environment as the cloud's own SDKs read
 them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or from instance
 roles, and never from a bioray file. Each run gets its own folder under it (``run.name``), so runs
 and Tune trials never share, overwrite or delete each other's checkpoints.
+
+A URI there also says that the nodes share no filesystem: the tasks that touch the driver's files
+run on its node (:func:`file_task_options`), what other nodes must read goes through the bucket
+(:func:`publish_folder`, :func:`node_copy`), and a run's result files are copied beside its
+checkpoints (docs/cluster.md, "What goes where").
 """
 
 from __future__ import annotations
@@ -133,6 +139,111 @@ def _files_under(fs, path: str) -> list[str]:
 
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def shared_filesystem(storage: str | None) -> bool:
+    """Whether every node is taken to see the driver's files (``run.dir``, the cache, the sources).
+
+    Yes without ``run.storage`` or with a local path there (a laptop, or a filesystem mounted on every
+    node); no with a URI: then nothing a task on another node reads may be a driver file (see
+    :func:`file_task_options`, :func:`publish_folder`).
+    """
+    return not (storage and is_uri(storage))
+
+
+def file_task_options(storage: str | None, num_cpus: float, node: str | None = None) -> dict:
+    """``ray.remote`` options for a task that reads or writes the driver's files (corpus, cache).
+
+    With a shared filesystem: anywhere, ``num_cpus`` each. Without one (``run.storage`` a URI): on
+    ``node`` (default: this process's node; a Tune trial passes the driver's), where those files are. A
+    node that offers no CPU to Ray (a cluster's head, which keeps its cores for the driver and Ray
+    itself) runs them asking none, or they would wait forever.
+    """
+    if shared_filesystem(storage):
+        return {"num_cpus": num_cpus}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = node or ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    return {"num_cpus": num_cpus if cpus >= num_cpus else 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
+def upload(local: str | Path, uri: str) -> None:
+    """Copies a local file or folder (recursively) to ``uri``, replacing what is there file by file."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    local = Path(local)
+    if local.is_file():
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local.resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def exists(uri_or_path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri_or_path)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+PUBLISHED = ".bioray-published"
+"""Written last into a folder :func:`publish_folder` uploads: its presence marks a whole copy."""
+
+
+def publish_folder(local: str | Path, storage: str, kind: str) -> str:
+    """Uploads a local folder that other nodes must read (a built base model) under ``<storage>/_shared``.
+
+    Named by the folder's name and a digest of its files' names, sizes and times, so the same folder
+    is uploaded once however many runs use it, and a changed one gets a new name.
+
+    Returns:
+        The folder's URI (``<storage>/_shared/<kind>/<name>-<digest>``).
+    """
+    import hashlib
+
+    local = Path(local).resolve()
+    h = hashlib.sha256()
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(local)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    uri = f"{storage.rstrip('/')}/_shared/{kind}/{local.name}-{h.hexdigest()[:12]}"
+    if not exists(f"{uri}/{PUBLISHED}"):
+        upload(local, uri)
+        fs, path = filesystem(uri)
+        with fs.open_output_stream(f"{path}/{PUBLISHED}") as out:
+            out.write(b"complete\n")
+    return uri
+
+
+def node_copy(path: str, uri: str | None) -> str:
+    """A folder to load from on this node: ``path`` where this node sees it, else a cached download of ``uri``.
+
+    The download goes to ``<temp>/bioray-shared/<last part of uri>`` once per node (workers of one node
+    share it; a half-finished download is never used: it is renamed into place when whole).
+    """
+    if uri is None or Path(path).is_dir() or not Path(path).is_absolute():
+        return path  # a hub id, or a folder this node sees
+    import os
+    import shutil
+    import uuid
+
+    dest = Path(tempfile.gettempdir()) / "bioray-shared" / uri.rstrip("/").rsplit("/", 1)[-1]
+    if (dest / PUBLISHED).is_file():
+        return str(dest)
+    with local_copy(uri) as tmp:
+        staged = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tmp, staged)
+    try:
+        os.rename(staged, dest)
+    except OSError:  # another worker of this node got there first
+        shutil.rmtree(staged, ignore_errors=True)
+    return str(dest)
 
 
 def check_storage(uri: str | None) -> None:

@@ -88,9 +88,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(t.cpus_per_worker + 0.5)))
 
     # The model, and where the latest checkpoint (if any) says training stopped.
-    tokenizer = load_tokenizer(base_path, cfg)
+    # The base as this node sees it: base_path, or its copy downloaded from run.storage once per node.
+    from bioray.storage import node_copy
+
+    local_base = node_copy(base_path, loop_config.get("base_uri"))
+    tokenizer = load_tokenizer(local_base, cfg)
     model = _trainable_model(cfg, base_path, {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                              "fp32": torch.float32}[precision(cfg)])
+                                              "fp32": torch.float32}[precision(cfg)], load_from=local_base)
     checkpoint = ray.train.get_checkpoint()
     opened = ExitStack()  # the checkpoint's folder (a download from remote storage) until it is loaded
     resume_dir = _verified_checkpoint(checkpoint, cfg, opened) if checkpoint else None
@@ -246,15 +250,24 @@ def _takes_logit_mask(model) -> bool:
         "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _trainable_model(cfg: Config, base_path: str, dtype):
-    """The base model, with gradient checkpointing and a LoRA adapter where the config asks."""
+def _trainable_model(cfg: Config, base_path: str, dtype, load_from: str | None = None):
+    """The base model, with gradient checkpointing and a LoRA adapter where the config asks.
+
+    ``load_from``: this node's copy of ``base_path`` (see ``storage.node_copy``); the adapter still
+    names ``base_path``, the base the run was configured with, so every checkpoint of a run names one base.
+    """
     from bioray.model import add_lora, load_base
 
-    model = load_base(base_path, cfg, dtype=dtype)
+    model = load_base(load_from or base_path, cfg, dtype=dtype)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    return model if cfg.train.full_finetune else add_lora(model, cfg)
+    if cfg.train.full_finetune:
+        return model
+    model = add_lora(model, cfg)
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base_path
+    return model
 
 
 def _verified_checkpoint(checkpoint, cfg: Config, opened: ExitStack) -> Path:
@@ -399,12 +412,13 @@ def _report_checkpoint(engine, cfg: Config, tokenizer, metrics: dict, rank: int,
 
 
 def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kwargs: dict | None = None,
-        metrics_log=None, tune_reports: bool = False):
+        metrics_log=None, tune_reports: bool = False, base_uri: str | None = None):
     """Runs ``TorchTrainer`` for one config and returns Ray Train's ``Result``.
 
     Args:
         cfg: The run's (or trial's) config.
         base_path: ``from_pretrained`` path of the base model.
+        base_uri: A copy of a local ``base_path`` on run.storage, for workers on nodes that cannot see it.
         train_ds: The mixed, packed training Dataset (``bioray.data.training_dataset``).
         validation_fn: Scores a reported checkpoint (see ``bioray.evaluate.pool``); None = no scoring.
         validation_kwargs: JSON-serialisable keyword arguments for ``validation_fn``.
@@ -467,7 +481,7 @@ def fit(cfg: Config, base_path: str, train_ds, validation_fn=None, validation_kw
         )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "validate": scored,
+        train_loop_config={"config": to_dict(cfg), "base_path": base_path, "base_uri": base_uri, "validate": scored,
                            # A bar where the driver has a terminal to draw it on; log lines elsewhere.
                            "progress_bar": sys.stdout.isatty() and not cfg.run.quiet and not tune_reports},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),

@@ -92,9 +92,13 @@ def trial_config(base: dict, params: dict, run_dir: str, trial_id: str | None = 
         if not key.startswith(FACTOR):
             apply_override(data, f"{key}={json.dumps(value)}")
     data["run"]["dir"] = run_dir
-    search = data["run"].get("name") or Path(base["run"]["dir"]).expanduser().resolve().name
-    data["run"]["name"] = f"{search}/trials/{trial_id or Path(run_dir).name}"
+    data["run"]["name"] = f"{search_name(base)}/trials/{trial_id or Path(run_dir).name}"
     return from_dict(data)
+
+
+def search_name(base: dict) -> str:
+    """The search's name: its ``run.name``, or the last part of its ``run.dir`` (trials live under it)."""
+    return base["run"].get("name") or Path(base["run"]["dir"]).expanduser().resolve().name
 
 
 def _trial(params: dict, setup: dict) -> None:
@@ -109,7 +113,8 @@ def _trial(params: dict, setup: dict) -> None:
     out = finished_trial(cfg, trial_dir)
     if out is None:
         write_text(trial_dir / CONFIG_FILE, dump(cfg))
-        out = train_and_score(cfg, setup["stages"], setup["pool"], tune_reports=True)
+        out = train_and_score(cfg, setup["stages"], setup["pool"], tune_reports=True,
+                              group=search_name(setup["config"]))
     else:
         # Tune saves its experiment state every few seconds: a search stopped just after a trial
         # finished restarts that trial on resume. Its run folder says it is done; say it again.
@@ -200,7 +205,7 @@ def search(cfg: Config) -> dict:
     # inside a trial, it lands in (and outlives) a trial's placement group, whose CPUs are then
     # never released. Run one tiny dataset here first.
     ray.data.range(1).materialize()
-    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, setup["pool"])
+    actors = start_pool(cfg, stages.base_path, stages.corpus_dir, setup["pool"], stages.base_uri)
     try:
         if tune.Tuner.can_restore(path):
             log.info("resuming the search in %s (finished trials are kept)", path)
@@ -220,8 +225,22 @@ def search(cfg: Config) -> dict:
         grid = tuner.fit()
     finally:
         stop_pool(actors)
+        _end_stopped_runs(cfg, tune_dir)
     rows = trial_rows(grid, cfg, names)
     return write_outputs(cfg, rows, tune_dir)
+
+
+def _end_stopped_runs(cfg: Config, tune_dir: Path) -> None:
+    """Trials stopped early never end their tracker runs themselves (bioray.track.end_stopped_runs)."""
+    from bioray.track import end_stopped_runs
+
+    try:
+        n = end_stopped_runs(cfg.track, search_name(to_dict(cfg)), tune_dir / "trials")
+    except Exception as e:  # noqa: BLE001 - a tracker's server, never the search's result
+        log.warning("tracking: could not end the runs of stopped trials: %s", str(e).strip().splitlines()[0])
+        return
+    if n:
+        log.info("tracking: marked %d MLflow run(s) of stopped trials KILLED", n)
 
 
 def trial_rows(grid, cfg: Config, names: list[str]) -> list[dict]:

@@ -9,9 +9,6 @@ kill every Ray on the machine).
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_ports, ray_cli, stop_ray
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GCP_MARKER = "# ==== GCP (alternative) ===="
@@ -190,24 +187,6 @@ def test_working_dir_upload_stays_small(tmp_path):
 # `ray job submit` end to end
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _ray_cli() -> str:
-    exe = Path(sys.executable).parent / "ray"
-    return str(exe) if exe.exists() else "ray"
-
-
 def _get(url: str, token: str | None) -> int | None:
     """HTTP status of a GET (None: nothing listening yet); no proxies for 127.0.0.1."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -221,20 +200,6 @@ def _get(url: str, token: str | None) -> int | None:
         return None
 
 
-def _kill_leftovers(marker: str) -> None:
-    """Kill our own processes whose command line names this test's private folder (job drivers
-    run in a session of their own, outside the `ray start` process group)."""
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
-        try:
-            if p.info["uids"] and p.info["uids"].real == os.getuid() and marker in " ".join(p.info["cmdline"] or []):
-                if p.pid != os.getpid():
-                    p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
 @pytest.fixture
 def local_cluster():
     """A private single-node Ray with token auth and the dashboard's job server, stopped after."""
@@ -243,7 +208,7 @@ def local_cluster():
     token_file = base / "auth_token"
     token = secrets.token_hex(32)
     token_file.write_text(token)
-    gcs_port, dash_port, client_port, agent_port = _free_ports(4)
+    gcs_port, dash_port, client_port, agent_port = free_ports(4)
     env = {
         **os.environ,
         # Token auth, explicitly: `ray start --head` turns it on by itself only when a token
@@ -256,7 +221,7 @@ def local_cluster():
     env.pop("RAY_ADDRESS", None)
     log = open(base / "ray-start.log", "w")
     head = subprocess.Popen(
-        [_ray_cli(), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
+        [ray_cli(), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
          f"--dashboard-port={dash_port}", "--include-dashboard=true", f"--ray-client-server-port={client_port}",
          f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={base / 'ray'}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -269,24 +234,13 @@ def local_cluster():
             time.sleep(1)
         yield {"address": address, "env": env, "base": base, "token": token, "gcs": f"127.0.0.1:{gcs_port}"}
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(15)
-        except subprocess.TimeoutExpired:
-            pass  # a graceful stop can take half a minute; the process group goes down below
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        _kill_leftovers(str(base))
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+        stop_ray([head], base, [log])
 
 
 @pytest.mark.e2e
 def test_ray_job_submit_runs_finetune(local_cluster):
     address, env, base = local_cluster["address"], local_cluster["env"], local_cluster["base"]
-    ray = _ray_cli()
+    ray = ray_cli()
     # The job server refuses requests without the token.
     assert _get(f"{address}/api/jobs/", None) == 401
     assert _get(f"{address}/api/jobs/", "0" * 64) in (401, 403)

@@ -52,6 +52,11 @@ def test_quickstart_loads_and_overrides_apply_in_order(tmp_path):
     ("mixture.weights.sample_clinical_nli=-1", "mixture.weights.sample_clinical_nli"),
     ("mixture.weights.sample_clinical_nli=.nan", "mixture.weights.sample_clinical_nli"),
     ("corpus.sources.0.format=conll", "corpus.sources[0].format"),
+    ("corpus.sources.0.dataset=bigbio/ncbi_disease", "corpus.sources[0].files"),  # files or a dataset, not both
+    ("corpus.sources.0.splits={train: train}", "corpus.sources[0].splits"),  # a dataset's only
+    ("corpus.sources.1.columns={sentence: text, gold: label}", "corpus.sources[1].columns"),  # not an re field
+    ("corpus.template=chat", "corpus.template"),  # the tiny base's tokenizer has no chat template
+    ("corpus.system_prompt=Be brief.", "corpus.system_prompt"),  # a layout has no system turn
     ("corpus.sources.7.name=x", "corpus.sources.7"),
     ("corpus.sources.1.name=sample_disease_ner", "corpus.sources[1].name"),
 ])

@@ -347,11 +347,11 @@ def test_scorer_predicts_constrained_answers_that_all_parse(records, tiny, tmp_p
         x = " ".join(tokens)
         items += [
             {"id": f"ner/{k}", "source": "ner", "task": "ner", "input": x, "output": _answer(tokens, _untyped(tags)),
-             "prompt": _prompt(tokens)},
+             "instruction": "Tag every disease mention (B, I, O)."},
             {"id": f"nli/{k}", "source": "nli", "task": "nli", "input": x, "output": "neutral",
-             "prompt": TEMPLATE.format(instruction="Entailment?", input=x)},
+             "instruction": "Entailment?"},
             {"id": f"hoc/{k}", "source": "hoc", "task": "cls", "input": x, "output": "none",
-             "prompt": TEMPLATE.format(instruction="Hallmarks?", input=x)},
+             "instruction": "Hallmarks?"},
         ]
     # The config crosses to the actor as JSON, as it does in the pool.
     scorer = Scorer(json.loads(json.dumps(to_dict(cfg))), str(base), manifest, items, 0, 1)
@@ -374,3 +374,46 @@ def _adapter_checkpoint(model, tok, cfg, base: Path, out: Path) -> Path:
     tok.save_pretrained(out)
     (out / "bioray.yaml").write_text(dump(cfg))
     return out
+
+
+# ------------------------------------------------------------------------------ chat templates
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_prompts_and_answers_end_with_the_end_of_turn_in_every_decoding(tmp_path):
+    """``corpus.template: chat``: the generation prompt, and every answer stops at ``<|im_end|>`` (not EOS)."""
+    from bioray.config import from_dict
+    from bioray.evaluate.constrained import decode_grammar, grammar_for
+    from bioray.evaluate.generate import Generator
+
+    tok = _train_tokenizer(["the patient has asthma : B I O", "tag each token", "entailment neutral"] * 30, 300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    base = tmp_path / "base"
+    _llama(tok, 0).save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    cfg = from_dict({"model": {"name_or_path": str(base)}, "corpus": {"template": "chat"}})
+    gen = Generator(str(base), cfg)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert gen.format.end == end and gen.format.stop_ids == [end, tok.eos_token_id]
+    items = [{"instruction": "Tag each token.", "input": "the patient has asthma"}, {"instruction": "Tag.", "input": "a"}]
+    prompts = gen.prompts(items)
+    assert prompts[0] == "<|im_start|>user\nTag each token.\n\nthe patient has asthma<|im_end|>\n<|im_start|>assistant\n"
+    # A head that always answers with the end of turn: free generation stops there, at once.
+    head = torch.nn.Linear(64, len(tok), bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[end] = 10.0
+    gen.model.lm_head = head
+    assert gen.answer_ids(prompts, [8, 8], 2) == [[end], [end]]
+    # Constrained: the grammar ends answers with it, and choices are scored with it.
+    spec = answer_spec("ner", items[0]["input"], ["B", "I", "O"])
+    walkers = decode_grammar(gen.model, gen.format.encode(tok, prompts[:1]), [grammar_for(tok, spec, end)], 1,
+                             tok.pad_token_id, "cpu")
+    assert walkers[0].ids[-1] == end and parse_ner(walkers[0].answer, spec.tokens, ["B", "I", "O"]).well_formed
+    answers = gen.constrained(prompts, [spec, answer_spec("nli", "a", ["entailment", "neutral"])], [8, 8], 2)
+    assert answers[1] in ("entailment", "neutral")
+    assert parse_ner(answers[0], spec.tokens, ["B", "I", "O"]).well_formed

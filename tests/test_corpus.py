@@ -260,6 +260,7 @@ def test_corpus_dataset_of_a_split_with_no_records_is_empty(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
+_CHAT_OK = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
 BAD_CASES = [
     # (format, file name, content, line, reason fragment)
     ("iob", "x.tsv", "a\tO\nb\tO\tO\n\nc\tO\n", 2, "2 tab-separated columns"),
@@ -280,8 +281,15 @@ BAD_CASES = [
      "not in the source's labels map"),
     ("instructions", "x.jsonl", '{"instruction": "i", "input": "", "output": "o"}\n'
                                 '{"instruction": "i", "output": "o"}\n', 2, "'input' is missing"),
+    ("messages", "x.jsonl", _CHAT_OK + '{"messages": [{"role": "doctor", "content": "q"}]}\n', 2,
+     "turn 1: unknown role 'doctor'"),
+    ("messages", "x.jsonl", _CHAT_OK + '{"conversations": [{"from": "human", "value": "q"}]}\n', 2,
+     "no assistant turn"),
+    ("messages", "x.jsonl", _CHAT_OK + '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                                       '"content": "a"}, {"role": "user", "content": "q2"}]}\n', 2,
+     "a user turn follows the last assistant turn"),
 ]
-TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls", "instructions": "qa"}
+TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls", "instructions": "qa", "messages": "qa"}
 
 
 def _bad_source(tmp_path, fmt, name, content):
@@ -468,3 +476,94 @@ def test_real_ner_sources(tmp_path):
                 lines = r["output"].split("\n")
                 assert [ln.rsplit(" : ", 1)[0] for ln in lines] == r["input"].split(" ")
                 assert all(ln.rsplit(" : ", 1)[1] in ("B", "I", "O") for ln in lines)
+
+
+# ---------------------------------------------------------------- datasets sources and chat records
+
+
+def test_datasets_sources_map_splits_and_columns(tmp_path):
+    """A saved DatasetDict, a folder of JSON lines files (load_dataset) and a class-label NER dataset."""
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"question": ["Is aspirin an NSAID?", "What does BRCA1 repair?"],
+                                             "answer": ["yes", "DNA"]}),
+        "dev": datasets.Dataset.from_dict({"question": ["Is insulin a hormone?"], "answer": ["yes"]}),
+    }).save_to_disk(str(saved))
+    files = tmp_path / "files"
+    _jsonl(files / "train.jsonl", [{"premise": "a", "hypothesis": "b", "label": "neutral"},
+                                   {"premise": "c", "hypothesis": "d", "label": "entailment"}])
+    _jsonl(files / "test.jsonl", [{"premise": "e", "hypothesis": "f", "label": "contradiction"}])
+    ner = tmp_path / "ner"
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-Disease",
+                                                                                           "I-Disease"]))})
+    datasets.Dataset.from_dict({"tokens": [["cystic", "fibrosis", "again"]], "ner_tags": [[1, 2, 0]]},
+                               features=features).save_to_disk(str(ner))
+    chat = tmp_path / "chat"
+    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "Is it benign?"},
+                                                   {"from": "gpt", "value": "no"}]}]).save_to_disk(str(chat))
+    sources = [
+        {"name": "chat", "format": "messages", "task": "qa", "dataset": str(chat), "splits": {"train": "train"}},
+        {"name": "qa", "format": "instructions", "task": "qa", "dataset": str(saved),
+         "splits": {"train": "train", "validation": "dev"}, "columns": {"input": "question", "output": "answer"}},
+        {"name": "nli", "format": "nli", "task": "nli", "dataset": str(files), "splits": {"train": "train", "test": "test"},
+         "columns": {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}},
+        {"name": "ner", "format": "iob", "task": "ner", "entity": "disease", "typed": True, "dataset": str(ner),
+         "splits": {"train": "train"}, "columns": {"tags": "ner_tags"}},
+    ]
+    corpus = build_corpus(_cfg(tmp_path, sources))
+    qa = read_records(corpus, "qa", "validation")
+    assert [(r["id"], r["input"], r["output"]) for r in qa] == [("qa/validation/0000000", "Is insulin a hormone?", "yes")]
+    assert qa[0]["instruction"] in templates.QA  # no instruction column: drawn from the set
+    assert [r["input"] for r in read_records(corpus, "qa", "train")] == ["Is aspirin an NSAID?", "What does BRCA1 repair?"]
+    assert [(r["input"], r["output"]) for r in read_records(corpus, "nli", "test")] == \
+        [("Premise: e\nHypothesis: f", "contradiction")]
+    (sent,) = read_records(corpus, "ner", "train")
+    assert (sent["input"], sent["output"]) == ("cystic fibrosis again",
+                                               "cystic : B-Disease\nfibrosis : I-Disease\nagain : O")
+    assert [(r["instruction"], r["input"], r["output"]) for r in read_records(corpus, "chat", "train")] == \
+        [("", "Is it benign?", "no")]
+    manifest = read_manifest(corpus)["sources"]
+    assert manifest["qa"]["splits"]["validation"] == {"records": 1, "rejected": 0, "file": f"{saved}[dev]"}
+    assert manifest["nli"]["splits"]["train"]["records"] == 2
+    # Edited data rebuilds (the hash covers a local dataset's files).
+    digest = read_manifest(corpus)["content_hash"]
+    _jsonl(files / "test.jsonl", [{"premise": "e", "hypothesis": "g", "label": "neutral"}])
+    assert read_manifest(build_corpus(_cfg(tmp_path, sources)))["content_hash"] != digest
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"splits": {"train": "train", "validation": "dev"}},
+     r"^config key 'corpus.sources\[0\].splits.validation': .*files has no split 'dev' \(it has: test, train\)$"),
+    ({"columns": {"sentence1": "premise"}},
+     r"^config key 'corpus.sources\[0\].columns': .*files\[train\] has no column 'sentence2' for field 'sentence2' of "
+     r"format nli \(its columns: premise, hypothesis, label\); map one in columns$"),
+    ({"dataset": "./nowhere"}, r"^config key 'corpus.sources\[0\].dataset': folder not found: ./nowhere$"),
+])
+def test_a_dataset_without_the_split_or_column_fails_naming_the_key(tmp_path, change, says):
+    files = tmp_path / "files"
+    for split in ("train", "test"):
+        _jsonl(files / f"{split}.jsonl", [{"premise": "a", "hypothesis": "b", "label": "neutral"}])
+    source = {"name": "nli", "format": "nli", "task": "nli", "dataset": str(files), "splits": {"train": "train"},
+              "columns": {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}, **change}
+    with pytest.raises(DataError, match=says):
+        build_corpus(_cfg(tmp_path, [source]))
+    assert not (tmp_path / "run/corpus").exists()
+
+
+def test_messages_openai_and_sharegpt_records(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is aspirin an NSAID?"},
+                      {"role": "assistant", "content": "yes"}]},
+        {"conversations": [{"from": "human", "value": "What does BRCA1 repair?"}, {"from": "gpt", "value": "DNA"}]},
+        {"messages": [{"role": "user", "content": "Name a statin."}, {"role": "assistant", "content": "atorvastatin"},
+                      {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "simvastatin"}]},
+    ]
+    src = [{"name": "chat", "format": "messages", "task": "qa", "files": {"train": _jsonl(tmp_path / "c.jsonl", rows)}}]
+    recs = read_records(build_corpus(_cfg(tmp_path, src)), "chat", "train")
+    assert [(r["instruction"], r["input"], r["output"]) for r in recs] == [
+        ("Answer briefly.", "Is aspirin an NSAID?", "yes"),
+        ("", "What does BRCA1 repair?", "DNA"),  # no system turn: no instruction (none is drawn)
+        ("", "User: Name a statin.\n\nAssistant: atorvastatin\n\nUser: Another?", "simvastatin"),
+    ]

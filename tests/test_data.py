@@ -101,6 +101,54 @@ def test_overlong_records_drop_or_lose_prompt_never_answer(tokenizer):
     assert [v for v in cut["labels"][0].as_py() if v != IGNORE_INDEX] == full_labels
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer_dir):
+    """The test tokenizer with ChatML's turn markers and template (as Qwen2.5-Instruct's)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+@pytest.mark.parametrize("system", [None, "You are a biomedical annotator."])
+def test_chat_labels_only_the_answer_and_its_end_of_turn(chat_tokenizer, system):
+    tok = chat_tokenizer
+    probe = ["<|im_start|>user\nTag each token.<|im_end|>", "the : O\npatient : O"]
+    fn = Tokenise(tok, "chat", 512, "drop", probe=probe, system_prompt=system)
+    assert fn.uses_backend
+    rec = _records(1).to_pylist()[0]
+    turns = (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + \
+        f"<|im_start|>user\n{rec['instruction']}\n\n{rec['input']}<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tok(turns, add_special_tokens=False)["input_ids"]
+    answer = tok(rec["output"], add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    out = fn(_records(1))
+    ids, labels = out["input_ids"][0].as_py(), out["labels"][0].as_py()
+    # No BOS added (a chat template writes its own); the answer ends with the end of turn, not EOS.
+    assert ids == prompt + answer + [end]
+    assert labels == [IGNORE_INDEX] * len(prompt) + answer + [end]
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and end != tok.eos_token_id
+    slow = Tokenise(tok, "chat", 512, "drop", probe=(), system_prompt=system)
+    assert not slow.uses_backend and pickle.loads(pickle.dumps(slow))(_records(1)).equals(out)
+
+
+def test_chat_needs_a_tokenizer_with_a_chat_template(tokenizer):
+    from bioray.corpus import PromptFormat
+
+    with pytest.raises(ConfigError, match="corpus.template': chat needs a tokenizer with a chat template"):
+        Tokenise(tokenizer, "chat", 512, "drop")
+    # A template that ends an assistant turn with plain text: answers end with EOS, as the paper's layout.
+    tokenizer = pickle.loads(pickle.dumps(tokenizer))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert PromptFormat("chat", tokenizer).end == tokenizer.eos_token_id
+
+
 def test_packing_keeps_every_example_once_within_the_length():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 120, size=500)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PLANTED_SECRETS, assert_no_secrets, run_job
+from bioray.observe import read_metrics
+from conftest import (PLANTED_SECRETS, assert_no_secrets, mlflow_history, mlflow_runs, rescore, run_job, tracker_sets,
+                      wandb_offline_runs)
 
 pytestmark = pytest.mark.e2e
 
@@ -19,17 +21,54 @@ pytestmark = pytest.mark.e2e
 def quickstart(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     # Fake credentials in its environment, as a user's would be: test_no_secret_leaves_the_environment.
+    # Each installed tracker logs the run (test_the_run_lands_in_the_trackers).
     proc = run_job("jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
-                   env=PLANTED_SECRETS)
+                   *tracker_sets(run_dir.parent), env=PLANTED_SECRETS)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return run_dir, proc
 
 
 def test_no_secret_leaves_the_environment(quickstart, cache_dir):
     # Every byte the run wrote (corpus, checkpoints, bioray.yaml, result.json, metrics, TensorBoard
-    # events, report.md, the cache) and printed.
+    # events, report.md, the trackers' MLflow store and W&B files, the cache) and printed.
     run_dir, proc = quickstart
-    assert assert_no_secrets([run_dir, cache_dir], [proc.stdout, proc.stderr]) > 20
+    assert assert_no_secrets([run_dir, run_dir.parent / "mlruns", cache_dir], [proc.stdout, proc.stderr]) > 20
+
+
+def test_the_run_lands_in_the_trackers(quickstart):
+    """MLflow (file store) and W&B (offline) hold what metrics.jsonl and result.json hold."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    run_dir, _ = quickstart
+    result = json.loads((run_dir / "result.json").read_text())
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    losses = {r["step"] - len(r["step_losses"]) + 1 + i: v for r in train for i, v in enumerate(r["step_losses"])}
+    scores = {r["step"]: r["score"] for r in records if r["kind"] == "eval"}
+    assert sorted(losses) == list(range(1, 121)) and sorted(scores) == [40, 80, 120]
+
+    store = run_dir.parent / "mlruns"
+    (run,) = mlflow_runs(store)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["train.max_steps"] == "120" and run.data.params["run.dir"] == str(run_dir)
+    assert run.data.params["corpus.sources.0.name"] == "sample_disease_ner"
+    assert mlflow_history(store, run.info.run_id, "train/step_loss") == pytest.approx(losses)
+    assert mlflow_history(store, run.info.run_id, "train/loss") == pytest.approx({r["step"]: r["loss"] for r in train})
+    assert mlflow_history(store, run.info.run_id, "eval/score") == pytest.approx(scores)
+    assert mlflow_history(store, run.info.run_id, "eval/sample_disease_ner/f1") == pytest.approx(
+        {r["step"]: r["eval"]["sample_disease_ner"]["f1"] for r in records if r["kind"] == "eval"})
+    assert run.data.tags["best_checkpoint"] == result["best_checkpoint"]
+    assert run.data.metrics["best/score"] == pytest.approx(result["score"])
+
+    (wb,) = wandb_offline_runs(run_dir / "wandb")
+    assert wb["name"] == "run" and wb["exit_code"] == 0 and wb["config"]["train.max_steps"] == 120
+    history = wb["history"]
+    assert {h["train/step"]: h["train/step_loss"] for h in history if "train/step_loss" in h} == pytest.approx(losses)
+    assert {h["train/step"]: h["train/tokens_per_s"] for h in history if "train/tokens_per_s" in h} == \
+        pytest.approx({r["step"]: r["tokens_per_s"] for r in train})
+    assert {h["eval/step"]: h["eval/score"] for h in history if "eval/score" in h} == pytest.approx(scores)
+    assert wb["summary"]["best/checkpoint"] == result["best_checkpoint"]
+    assert wb["summary"]["best/score"] == pytest.approx(result["score"])
 
 
 def test_quickstart_writes_the_contracted_files(quickstart):
@@ -84,30 +123,12 @@ def test_every_checkpoint_is_scored_and_the_best_is_kept(quickstart):
 
 
 def test_adapter_loads_with_peft_and_reproduces_the_scores(quickstart):
-    import torch
-    from peft import AutoPeftModelForCausalLM, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from bioray.config import load
-    from bioray.corpus import read_manifest
-    from bioray.evaluate.generate import Generator
-    from bioray.evaluate.pool import eval_items, score_predictions
+    from peft import AutoPeftModelForCausalLM
 
     run_dir, _ = quickstart
     result = json.loads((run_dir / "result.json").read_text())
     best = result["best_checkpoint"]
-    cfg = load(Path(best) / "bioray.yaml")
-    base = json.loads((Path(best) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), best).eval()
-    torch.set_num_threads(1)
-    gen = Generator(base, cfg)
-    gen.model = model  # peft's own loading path, bioray's batching and decoding
-    items = eval_items(cfg, run_dir / "corpus")
-    tok = gen.tokenizer
-    max_new = [int(len(x) * 1.5) + 8 for x in tok([i["output"] for i in items], add_special_tokens=False)["input_ids"]]
-    answers = gen.generate([i["prompt"] for i in items], max_new, cfg.eval.batch_size)
-    scores = score_predictions(cfg, read_manifest(run_dir / "corpus"), items,
-                               {i["id"]: a for i, a in zip(items, answers)})
+    scores = rescore(Path(best), run_dir / "corpus")
     for source, metrics in result["eval"].items():
         for k, v in metrics.items():
             assert scores[source][k] == pytest.approx(v, abs=1e-9), (source, k)

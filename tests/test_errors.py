@@ -62,6 +62,8 @@ class Case:
     """Paths (fnmatch patterns) the failed job may add: what it documents writing."""
     real_model: bool = False
     """The case loads the model folder's tokenizer: put a real (tiny) model there."""
+    needs: str | None = None
+    """A package the case's check needs (an optional extra): the case is skipped without it."""
 
 
 def _ner(*sentences: str) -> str:
@@ -335,6 +337,20 @@ CASES: dict[str, Case] = {
         "bioray: error: config key 'model.name_or_path': {dir}/bare has no tokenizer (none of tokenizer.json, "
         "tokenizer_config.json, tokenizer.model, vocab.json)",
         files=_folder("bare", {"config.json": "{}", "model.safetensors": b"\0" * 16})),
+    "dataset-split": Case(
+        "prepare", "corpus", "a `dataset:` source naming a split the dataset does not have",
+        ("--config", "base.yaml", "--set", "corpus.sources.0.files={}", "--set", "corpus.sources.0.dataset=./hf",
+         "--set", "corpus.sources.0.splits={train: train, validation: dev}"),
+        "bioray: error: config key 'corpus.sources[0].splits.validation': ./hf has no split 'dev' (it has: test, "
+        "train)",
+        files={"hf/train.jsonl": '{"tokens": ["a"], "tags": ["O"]}\n', "hf/test.jsonl": '{"tokens": ["b"], "tags": ["O"]}\n'}),
+    "model-no-chat-template": Case(
+        "finetune", "model", "`corpus.template: chat` with a model whose tokenizer has no chat template",
+        ("--config", "base.yaml", "--set", "model.name_or_path=plain", "--set", "corpus.template=chat"),
+        "bioray: error: config key 'model.name_or_path': {dir}/plain's tokenizer has no chat template, which "
+        "corpus.template: chat needs (use a chat/instruct model, or a layout with {instruction} and {input})",
+        files=_folder("plain", {"config.json": "{}", "tokenizer.json": "{}", "tokenizer_config.json": "{}",
+                                "model.safetensors": b"\0" * 16})),
     # ------------------------------------------------------------------ checkpoints
     "ckpt-missing": Case(
         "evaluate", "checkpoint", "a checkpoint folder that is not there",
@@ -425,6 +441,29 @@ CASES: dict[str, Case] = {
         "http://127.0.0.1:9 from the environment): NETWORK_CONNECTION during HeadBucket operation: curlCode: 7, "
         "Could not connect to server",
         env={**FAKE_AWS, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}),
+    # ------------------------------------------------------------------ trackers
+    "track-unknown-key": _set(
+        "finetune", "a misspelt tracker key", "track.mlflow.uri=http://127.0.0.1:5000",
+        "bioray: error: config key 'track.mlflow.uri': unknown key (expected one of: enabled, experiment, "
+        "tracking_uri)"),
+    "track-credentials": Case(
+        "tune", "tracker", "credentials written into `track.mlflow.tracking_uri` (they would land in bioray.yaml)",
+        ("--config", "base.yaml", "--set", "track.mlflow.tracking_uri=https://me:s3cr3t@mlflow.example.org"),
+        "bioray: error: config key 'track.mlflow.tracking_uri': holds credentials, which bioray.yaml, logs and "
+        "reports would keep; give them in the environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD) instead"),
+    "track-unreachable": Case(
+        "finetune", "tracker", "an MLflow tracking server that does not answer",
+        ("--config", "base.yaml", "--set", "track.mlflow.enabled=true", "--set",
+         "track.mlflow.tracking_uri=http://127.0.0.1:9"),
+        "bioray: error: config key 'track.mlflow.tracking_uri': cannot log to http://127.0.0.1:9: [Errno 111] "
+        "Connection refused", needs="mlflow"),
+    "track-wandb-no-key": Case(
+        "tune", "tracker", "Weights & Biases online with no API key in the environment or `~/.netrc`",
+        ("--config", "base.yaml", "--set", "track.wandb.enabled=true"),
+        "bioray: error: config key 'track.wandb.mode': online needs WANDB_API_KEY in the environment (or `wandb "
+        "login`); or set track.wandb.mode=offline", env={"WANDB_API_KEY": "", "NETRC": "/nonexistent/netrc"},
+        needs="wandb"),
     # ------------------------------------------------------------------ environment
     "auth-off": Case(
         "prepare", "environment", "Ray's token authentication turned off", ("--config", "base.yaml"),
@@ -531,6 +570,8 @@ def _params() -> list:
 @pytest.mark.parametrize("name", _params())
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, import_recorder, request):
     case = CASES[name]
+    if case.needs:
+        pytest.importorskip(case.needs)
     model = request.getfixturevalue("real_model") if case.real_model else None
     folder = tmp_path / "work"
     folder.mkdir()

@@ -309,7 +309,7 @@ def test_a_huge_line_is_skipped_unread_and_quoted_text_is_capped(tmp_path):
                      + json.dumps({"sentence": "b", "label": "z" * 300}).encode() + b"\n")
     lines = list(sources.iter_lines(path, 0, path.stat().st_size, 1, max_bytes=1024))
     assert [n for n, _ in lines] == [1, 2, 3] and lines[1][1] == sources.Overlong(5001)
-    out = list(sources.parse("re_masked", "jsonl", {"labels": {1: "true"}}, lines))
+    out = list(sources.parse("re_masked", "jsonl", {"labels": {1: "true"}, "columns": None}, lines))
     assert isinstance(out[0], sources.Parsed)
     assert out[1] == sources.Rejected(2, "line is 5001 bytes, longer than corpus.max_line_bytes")
     assert out[2].reason.startswith("label 'zzz") and "... (300 characters) is not in" in out[2].reason

@@ -3,11 +3,6 @@
 Also what decides that a rerun is the same run (``checkpoint.first_difference``).
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,6 @@ from bioray.checkpoint import first_difference
 from bioray.config import Config, to_dict
 from bioray.storage import full_uri, latest_checkpoint, local_copy, move_aside, read_text, run_root
 
-BUCKET = "bioray-test"
 
 
 def test_first_difference_names_the_first_training_key():
@@ -59,40 +53,6 @@ def test_latest_checkpoint_and_move_aside_on_a_local_folder(tmp_path):
         ["step-000010", "step-000030", "step-000200", "step-x"]  # moved, not deleted
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with one bucket; credentials and endpoint only in the environment."""
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield f"s3://{BUCKET}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def test_latest_checkpoint_move_aside_and_download_on_s3(s3, tmp_path):
     import pyarrow.fs as pafs
 
@@ -129,3 +89,31 @@ def test_checksums_catch_a_changed_or_missing_file(tmp_path):
     (ckpt / "resume" / "rng-rank001.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"rng-rank001.safetensors: missing"):
         verify(ckpt)
+
+
+def test_a_folder_published_to_the_bucket_is_uploaded_once_and_copied_once_per_node(s3, tmp_path, monkeypatch):
+    from bioray.storage import PUBLISHED, exists, file_task_options, node_copy, publish_folder
+
+    model = tmp_path / "tiny-abc"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "weights.bin").write_bytes(b"\0" * 1000)
+    uri = publish_folder(model, s3 + "/runs", "models")
+    assert uri.startswith(f"{s3}/runs/_shared/models/tiny-abc-") and exists(f"{uri}/{PUBLISHED}")
+    assert publish_folder(model, s3 + "/runs", "models") == uri  # unchanged: the same copy
+    (model / "config.json").write_text('{"a": 2}')
+    changed = publish_folder(model, s3 + "/runs", "models")
+    assert changed != uri and read_text(f"{changed}/config.json") == '{"a": 2}'  # changed: a new copy
+
+    # A node that sees the folder loads it where it is; one that does not gets its own copy, once.
+    assert node_copy(str(model), uri) == str(model)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    elsewhere = node_copy(str(tmp_path / "gone" / "tiny-abc"), uri)
+    assert Path(elsewhere).parent == tmp_path / "node-tmp" / "bioray-shared"
+    assert (Path(elsewhere) / "sub" / "weights.bin").read_bytes() == b"\0" * 1000
+    assert node_copy(str(tmp_path / "gone" / "tiny-abc"), uri) == elsewhere
+    assert node_copy("org/model-on-the-hub", uri) == "org/model-on-the-hub"
+    # File tasks go anywhere while a filesystem is shared (no URI): nothing but their CPUs is asked.
+    assert file_task_options(None, 0.25) == {"num_cpus": 0.25}
+    assert file_task_options(str(tmp_path), 1.0) == {"num_cpus": 1.0}

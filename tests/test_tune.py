@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bioray.config import load
-from conftest import PLANTED_SECRETS, ROOT, assert_no_secrets, run_job
+from conftest import PLANTED_SECRETS, ROOT, assert_no_secrets, mlflow_runs, run_job, tracker_sets, wandb_offline_runs
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,8 @@ SEARCH = ["train.max_steps=32", "train.checkpoint_every=8", "train.report_every=
 
 def _args(run_dir, cache_dir):
     sets = [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *SEARCH]
-    return ["jobs/tune.py", *[a for s in sets for a in ("--set", s)]]
+    # Each installed tracker logs every trial (test_each_trial_is_a_tracker_run).
+    return ["jobs/tune.py", *[a for s in sets for a in ("--set", s)], *tracker_sets(run_dir.parent)]
 
 
 def _trials(run_dir: Path) -> list[dict]:
@@ -72,6 +73,34 @@ def test_no_secret_leaves_the_environment(search, cache_dir):
     run_dir, _, resumed, _ = search
     first = (run_dir.parent / "first.out").read_text(errors="replace")
     assert assert_no_secrets([run_dir, cache_dir], [first, resumed.stdout, resumed.stderr]) > 20
+
+
+def test_each_trial_is_a_tracker_run(search):
+    """Every trial is an MLflow run and a W&B run of the search's group; none is left running."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    run_dir, _, _, _ = search
+    trials = run_dir / "tune" / "trials"
+    # The search's runs (best.yaml's rerun, a single run, may be there too).
+    runs = [r for r in mlflow_runs(run_dir.parent / "mlruns") if "bioray.search" in r.data.tags]
+    assert {r.data.tags["bioray.search"] for r in runs} == {"run"}
+    # The first search was killed midway; the resumed one ended what it left (and what ASHA stopped).
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    by_trial: dict[str, list] = {}
+    for r in runs:
+        by_trial.setdefault(Path(r.data.tags["bioray.run_dir"]).name, []).append(r)
+    rows = _trials(run_dir)
+    assert set(by_trial) == {r["trial"] for r in rows}
+    for row in rows:
+        assert {float(r.data.params["train.lr"]) for r in by_trial[row["trial"]]} == {float(row["lr"])}
+        if row["state"] == "completed":
+            result = json.loads((trials / row["trial"] / "result.json").read_text())
+            (done,) = [r for r in by_trial[row["trial"]] if r.info.status == "FINISHED"]
+            assert done.data.tags["best_checkpoint"] == result["best_checkpoint"]
+            assert done.info.run_name == f"run/trials/{row['trial']}"
+            wb = [w for w in wandb_offline_runs(trials / row["trial"] / "wandb") if w["exit_code"] == 0]
+            assert len(wb) == 1 and wb[0]["group"] == "run"
+            assert wb[0]["summary"]["best/checkpoint"] == result["best_checkpoint"]
 
 
 def test_every_trial_ends_with_its_sample_and_a_point_on_the_simplex(search):

@@ -15,10 +15,10 @@ from bioray.config.load import (DATA_ENV, RENAMED, apply_override, config_file, 
 from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
                                   ModelSection, RunSection, SourceConfig, TinyModelSection, TrainSection,
                                   TuneSection)
-from bioray.config.validate import FORMAT_TASK, FORMATS, SPLITS, TASKS, TUNE_SPACE_KINDS
+from bioray.config.validate import CHAT_TEMPLATE, FORMAT_TASK, FORMATS, SPLITS, TASKS, TUNE_SPACE_KINDS
 
 __all__ = [
-    "DATA_ENV", "FORMATS", "FORMAT_TASK", "RENAMED", "SPLITS", "TASKS", "TUNE_SPACE_KINDS",
+    "CHAT_TEMPLATE", "DATA_ENV", "FORMATS", "FORMAT_TASK", "RENAMED", "SPLITS", "TASKS", "TUNE_SPACE_KINDS",
     "Config", "CorpusSection", "DataSection", "EvalSection", "LoraSection", "MixtureSection", "ModelSection",
     "RunSection", "SourceConfig", "TinyModelSection", "TrainSection", "TuneSection",
     "apply_override", "config_file", "data_root", "dump", "from_dict", "load", "packaged_configs", "read_yaml",

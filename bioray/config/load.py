@@ -175,16 +175,17 @@ def _renamed(data: dict, prefix: str) -> dict:
 def from_dict(data: dict) -> Config:
     """Builds and validates a Config from a plain (possibly partial) dict.
 
-    ``${BIORAY_DATA}`` in a source's file paths becomes the data root (:func:`data_root`).
+    ``${BIORAY_DATA}`` in a source's file paths (and dataset) becomes the data root (:func:`data_root`).
 
     Raises:
         ConfigError: naming the first unknown key, wrong type or bad value.
     """
     cfg = _build(Config, data, "")
-    if any(DATA_VAR in path for s in cfg.corpus.sources for path in s.files.values()):
+    if any(DATA_VAR in path for s in cfg.corpus.sources for path in [*s.files.values(), s.dataset or ""]):
         root = str(data_root())
         for s in cfg.corpus.sources:
             s.files = {split: path.replace(DATA_VAR, root) for split, path in s.files.items()}
+            s.dataset = s.dataset.replace(DATA_VAR, root) if s.dataset else s.dataset
     return cfg
 
 

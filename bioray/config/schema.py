@@ -21,7 +21,7 @@ class RunSection:
     seed: int = 0
     """Seeds instruction draws, mixing, LoRA init and data order."""
     storage: Optional[str] = None
-    """Where Ray Train persists checkpoints (local path or s3://...): under <storage>/<run name>/checkpoints/; null = run.dir/checkpoints/."""
+    """Where a run keeps what outlives it (local path, or a URI such as s3://...): checkpoints under <storage>/<run name>/checkpoints/ and the result files beside them; a URI also means no shared filesystem (the base model, corpus and tokenised cache are copied to <storage>/_shared/); null = run.dir/checkpoints/."""
     name: Optional[str] = None
     """This run's folder under run.storage; null = the last part of run.dir (a Tune trial: <search>/trials/<trial id>)."""
     resume: bool = True
@@ -35,12 +35,20 @@ class SourceConfig:
     name: str = ""
     """Unique source name; mixture weights, reports and record ids key on it."""
     format: str = "iob"
-    """File layout: iob | re_masked | nli | multilabel | instructions."""
+    """Record layout: iob | re_masked | nli | multilabel | instructions | messages (chat records: OpenAI `messages` or ShareGPT `conversations`; the last assistant turn is the answer)."""
     task: str = "ner"
     """ner | re | nli | cls | qa: decides the answer parser and the metric."""
     files: dict[str, str] = field(default_factory=dict)
     """Split name (train/validation/test) -> file path (relative to the working directory); `${BIORAY_DATA}`
     stands for the data root (`bioray data fetch` writes there; default ~/.local/share/bioray)."""
+    dataset: Optional[str] = None
+    """Instead of files: a Hugging Face `datasets` source: a folder written by save_to_disk, a folder of data files (json/jsonl/csv/parquet, read by load_dataset), or a hub name; needs splits."""
+    subset: Optional[str] = None
+    """dataset only: the hub dataset's configuration (load_dataset's second argument); null = its default."""
+    splits: Optional[dict[str, str]] = None
+    """dataset only: bioray split (train/validation/test) -> the dataset's split name, e.g. {train: train, validation: dev}; a saved single Dataset is split `train`."""
+    columns: Optional[dict[str, str]] = None
+    """Row layouts (JSON lines, Parquet, datasets): the format's field -> the column that holds it, e.g. {input: question, output: answer}; null = the fields' own names. Fields: iob (dataset only) tokens, tags; re_masked sentence, label; nli sentence1, sentence2, gold_label; multilabel text, labels; instructions instruction, input, output; messages messages."""
     entity: Optional[str] = None
     """iob only: what the instruction asks the model to tag (e.g. disease)."""
     typed: bool = False
@@ -56,6 +64,10 @@ class SourceConfig:
     reference: Optional[dict[str, Any]] = None
     """Published scores to print beside ours, e.g. {metric: f1, paper_13b: 85.69} (percent)."""
 
+    def split_names(self) -> list[str]:
+        """The bioray splits this source has: its files' keys, or its dataset's ``splits`` keys."""
+        return list(self.splits or {}) if self.dataset is not None else list(self.files)
+
 
 @dataclass
 class CorpusSection:
@@ -64,7 +76,9 @@ class CorpusSection:
     sample_dir: Optional[str] = None
     """If set, bioray first writes its synthetic sample files (iob/re/nli) into this folder."""
     template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
-    """Prompt layout; the answer follows it directly. Default: the paper's layout."""
+    """Prompt layout, holding {instruction} and {input}; the answer follows it directly. Default: the paper's layout. `chat`: the tokenizer's own chat template (user turn = instruction, blank line, input; loss on the answer and the end-of-turn token); needs a model whose tokenizer has one (not tiny)."""
+    system_prompt: Optional[str] = None
+    """template chat only: a system turn before each record's user turn; null = none (some templates, Gemma's, refuse one)."""
     max_rejected_fraction: float = 0.001
     """Fail the build when more than this share of lines is rejected (0 = any rejection)."""
     shard_mib: int = 64
@@ -267,6 +281,36 @@ class TuneSection:
 
 
 @dataclass
+class MlflowSection:
+    enabled: bool = False
+    """Log each run (each Tune trial) to MLflow: the flattened config, every report and checkpoint score, the best checkpoint. Needs `pip install 'bioray[mlflow]'`."""
+    tracking_uri: Optional[str] = None
+    """http(s)://server, databricks, sqlite:///FILE (the full mlflow package) or file:FOLDER (with MLFLOW_ALLOW_FILE_STORE=true); null = $MLFLOW_TRACKING_URI, else MLflow's default. No credentials here: MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) stay in the environment."""
+    experiment: str = "bioray"
+    """MLflow experiment the runs go to (created if missing)."""
+
+
+@dataclass
+class WandbSection:
+    enabled: bool = False
+    """Log each run (each Tune trial) to Weights & Biases, as track.mlflow does. Needs `pip install 'bioray[wandb]'`."""
+    project: Optional[str] = None
+    """W&B project; null = $WANDB_PROJECT, else bioray."""
+    entity: Optional[str] = None
+    """W&B team or user; null = the API key's default entity."""
+    mode: str = "online"
+    """online (needs WANDB_API_KEY in the environment or `wandb login`) | offline (files under $WANDB_DIR, else run.dir/wandb/; `wandb sync` uploads them later)."""
+
+
+@dataclass
+class TrackSection:
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    """MLflow tracking."""
+    wandb: WandbSection = field(default_factory=WandbSection)
+    """Weights & Biases tracking."""
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
@@ -278,6 +322,8 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     tune: TuneSection = field(default_factory=TuneSection)
     """Ray Tune search (jobs/tune.py); unused by finetune."""
+    track: TrackSection = field(default_factory=TrackSection)
+    """Experiment trackers (MLflow, Weights & Biases); off unless enabled."""
 
     def __post_init__(self) -> None:
         validate(self)

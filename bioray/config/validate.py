@@ -19,12 +19,18 @@ from bioray.errors import ConfigError
 
 if TYPE_CHECKING:
     from bioray.config.schema import (Config, CorpusSection, DataSection, EvalSection, LoraSection, MixtureSection,
-                                      ModelSection, RunSection, TrainSection, TuneSection)
+                                      ModelSection, RunSection, SourceConfig, TrackSection, TrainSection,
+                                      TuneSection)
 
-FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions")
+FORMATS = ("iob", "re_masked", "nli", "multilabel", "instructions", "messages")
 TASKS = ("ner", "re", "nli", "cls", "qa")
 SPLITS = ("train", "validation", "test")
-# Which task each structured format produces; `instructions` carries its own.
+# The fields a record of each format is read from, in rows (JSON lines, Parquet, datasets): what
+# `columns` may map (bioray.corpus.sources reads them).
+FORMAT_FIELDS = {"iob": ("tokens", "tags"), "re_masked": ("sentence", "label"),
+                 "nli": ("sentence1", "sentence2", "gold_label"), "multilabel": ("text", "labels"),
+                 "instructions": ("instruction", "input", "output"), "messages": ("messages",)}
+# Which task each structured format produces; `instructions` and `messages` carry their own.
 FORMAT_TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls"}
 # bioray's own schedule, then the transformers schedulers that need no argument beyond the steps
 # (tests/test_config.py checks every name is transformers' own).
@@ -39,6 +45,7 @@ TASK_METRICS = {"ner": ("f1", "precision", "recall", "parse_rate", "n"), "re": (
                 "cls": ("f1", "accuracy", "parse_rate", "n"), "nli": ("accuracy", "parse_rate", "n"),
                 "qa": ("accuracy", "parse_rate", "n")}
 TEMPLATE_FIELDS = ("instruction", "input")
+CHAT_TEMPLATE = "chat"  # corpus.template: the tokenizer's own chat template (bioray.corpus.templates.CHAT)
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Query parameters of a pyarrow S3 URI that carry credentials (s3://bucket/path?access_key=...).
 _URI_SECRETS = ("access_key", "secret_key", "session_token")
@@ -51,7 +58,9 @@ BUILT_ONCE = {
     "model": "model.* is built once for the whole search (the base model)",
     "data": "{key} is built once for the whole search (the tokenised cache)",
     "eval": "eval.* is built once for the whole search (the scorer pool)",
+    "track": "track.* belongs to the whole search (every trial logs to the same trackers)",
 }
+WANDB_MODES = ("online", "offline")
 
 
 def fail(key: str, expected: str, got: Any) -> NoReturn:
@@ -78,6 +87,8 @@ def validate(cfg: Config) -> None:
     validate_mixture(cfg.mixture)
     validate_eval(cfg.eval)
     validate_tune(cfg.tune)
+    validate_track(cfg.track)
+    validate_chat_model(cfg)
     validate_mixture_weights(cfg)
     validate_eval_score(cfg)
     validate_tune_space(cfg)
@@ -136,6 +147,7 @@ def validate_corpus(c: CorpusSection) -> None:
         for split in s.files:
             if split not in SPLITS:
                 fail(f"{key}.files", "split names among " + ", ".join(SPLITS), split)
+        _validate_rows(s, key)
         if s.format == "re_masked" and s.negative_label is not None and s.labels is not None:
             if s.negative_label not in s.labels.values():
                 fail(f"{key}.negative_label", "one of the labels map's answer words", s.negative_label)
@@ -143,15 +155,55 @@ def validate_corpus(c: CorpusSection) -> None:
             fail(f"{key}.instructions", "a non-empty list or null", s.instructions)
     if not 0 <= c.max_rejected_fraction <= 1:
         fail("corpus.max_rejected_fraction", "a fraction in [0, 1]", c.max_rejected_fraction)
+    _validate_template(c)
+    _at_least("corpus.shard_mib", c.shard_mib, 1)
+    _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
+
+
+def _validate_rows(s: SourceConfig, key: str) -> None:
+    """A source's `datasets` keys and its column mapping."""
+    if s.dataset is None:
+        for name in ("subset", "splits"):
+            if getattr(s, name) is not None:
+                fail(f"{key}.{name}", f"null unless {key}.dataset is set", getattr(s, name))
+        if s.format == "iob" and s.columns is not None:
+            fail(f"{key}.columns", "null for iob files (token<TAB>tag lines have no columns)", s.columns)
+    else:
+        if not s.dataset.strip():
+            fail(f"{key}.dataset", "a dataset folder or hub name", s.dataset)
+        if s.files:
+            fail(f"{key}.files", f"empty when {key}.dataset is set (its splits say what to read)", s.files)
+        if not s.splits:
+            fail(f"{key}.splits", "a mapping of bioray splits to the dataset's, e.g. {train: train, validation: "
+                 "validation}", s.splits)
+        for split, name in s.splits.items():
+            if split not in SPLITS:
+                fail(f"{key}.splits", "bioray split names among " + ", ".join(SPLITS), split)
+            if not name.strip():
+                fail(f"{key}.splits.{split}", "the dataset's split name", name)
+    fields = FORMAT_FIELDS.get(s.format, ())
+    for name, column in (s.columns or {}).items():
+        if name not in fields:
+            fail(f"{key}.columns", f"fields of format {s.format}: {', '.join(fields)}", name)
+        if not column.strip():
+            fail(f"{key}.columns.{name}", "a column name", column)
+
+
+def _validate_template(c: CorpusSection) -> None:
+    if c.template == CHAT_TEMPLATE:
+        if c.system_prompt is not None and not c.system_prompt.strip():
+            fail("corpus.system_prompt", "a non-empty system prompt or null", c.system_prompt)
+        return
+    if c.system_prompt is not None:
+        fail("corpus.system_prompt", "null unless corpus.template is chat (a layout has no system turn)",
+             c.system_prompt)
     for k in TEMPLATE_FIELDS:
         if "{%s}" % k not in c.template:
-            fail("corpus.template", "a layout containing {%s}" % k, c.template)
+            fail("corpus.template", "a layout containing {%s}, or chat" % k, c.template)
     unknown = [f for f in _TEMPLATE_FIELD.findall(c.template) if f not in TEMPLATE_FIELDS]
     if unknown:
         # It would reach every prompt as literal text: the model would learn it, never a value.
         fail("corpus.template", "fields {instruction} and {input} only (unknown: {%s})" % unknown[0], c.template)
-    _at_least("corpus.shard_mib", c.shard_mib, 1)
-    _at_least("corpus.max_line_bytes", c.max_line_bytes, 1024)
 
 
 def validate_model(m: ModelSection) -> None:
@@ -291,10 +343,36 @@ def validate_tune(tu: TuneSection) -> None:
                  + "low <= high", args)
 
 
+def validate_track(t: TrackSection) -> None:
+    """Tracker settings: no credentials in the tracking URI, names that are names, a known W&B mode."""
+    m, w = t.mlflow, t.wandb
+    if m.tracking_uri is not None and not m.tracking_uri.strip():
+        fail("track.mlflow.tracking_uri", "a tracking URI, or null", m.tracking_uri)
+    if m.tracking_uri is not None and _has_credentials(m.tracking_uri):
+        # Not echoed, as for run.storage: bioray.yaml would keep it for good.
+        raise ConfigError("config key 'track.mlflow.tracking_uri': holds credentials, which bioray.yaml, logs and "
+                          "reports would keep; give them in the environment (MLFLOW_TRACKING_TOKEN, or "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) instead")
+    if not m.experiment.strip():
+        fail("track.mlflow.experiment", "a non-empty experiment name", m.experiment)
+    if w.mode not in WANDB_MODES:
+        fail("track.wandb.mode", " | ".join(WANDB_MODES), w.mode)
+    for key, value in (("track.wandb.project", w.project), ("track.wandb.entity", w.entity)):
+        if value is not None and (not value.strip() or "/" in value):
+            fail(key, "a name without '/', or null", value)
+
+
 def _is_range(args: list, positive: bool) -> bool:
     if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args):
         return False
     return args[0] <= args[1] and (args[0] > 0 or not positive)
+
+
+def validate_chat_model(cfg: Config) -> None:
+    """``corpus.template: chat`` needs a tokenizer with a chat template, which the tiny base's has not."""
+    if cfg.corpus.template == CHAT_TEMPLATE and cfg.model.name_or_path == "tiny":
+        fail("corpus.template", "a layout with {instruction} and {input} for model.name_or_path: tiny (its "
+             "tokenizer has no chat template; chat needs a chat/instruct model)", cfg.corpus.template)
 
 
 def validate_mixture_weights(cfg: Config) -> None:
@@ -307,7 +385,7 @@ def validate_mixture_weights(cfg: Config) -> None:
     for name in m.weights:
         if name not in keys:
             fail(f"mixture.weights.{name}", f"a {m.by} name among {sorted(keys)}", name)
-    keys_used = {s.name if m.by == "source" else s.task for s in sources if "train" in s.files}
+    keys_used = {s.name if m.by == "source" else s.task for s in sources if "train" in s.split_names()}
     if m.weights and keys_used and all(m.weight(k) == 0 for k in keys_used):
         fail("mixture.weights", "at least one positive weight", m.weights)
 

@@ -16,7 +16,7 @@ from typing import Any
 _WHERE = {
     "CORPUS_VERSION": "build", "build_corpus": "build", "content_hash": "build",
     "corpus_dataset": "read", "read_manifest": "read", "read_records": "read", "read_row_groups": "read",
-    "encode_prompt": "templates", "instruction_set": "templates", "render_prompt": "templates",
+    "CHAT": "templates", "PromptFormat": "templates", "instruction_set": "templates", "render_prompt": "templates",
 }
 
 __all__ = sorted(_WHERE)

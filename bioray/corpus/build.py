@@ -38,6 +38,7 @@ from bioray.corpus import sources
 from bioray.corpus.read import LIGHT_CPUS, MANIFEST, SCHEMA, read_manifest
 from bioray.corpus.templates import NLI_LABELS, draw, instruction_set
 from bioray.errors import DataError
+from bioray.storage import file_task_options
 
 logger = logging.getLogger("bioray")
 
@@ -110,6 +111,13 @@ def content_hash(cfg: Config) -> str:
         for split in sorted(s.files):
             h.update(f"\0{s.name}/{split}\0".encode())
             _hash_path(h, Path(s.files[split]))
+        if s.dataset is not None:
+            h.update(f"\0{s.name}\0".encode())
+            local = Path(s.dataset).expanduser()
+            if local.exists():
+                _hash_path(h, local)
+            else:  # a hub dataset: what `datasets` says its content is
+                h.update(json.dumps(sources.dataset_fingerprint(s)).encode())
     return h.hexdigest()
 
 
@@ -117,6 +125,12 @@ def _plan(cfg: Config) -> list[_Chunk]:
     """Cuts every source file into byte ranges at record boundaries."""
     chunks = []
     for i, s in enumerate(cfg.corpus.sources):
+        if s.dataset is not None:
+            # One read task per split: a dataset is read by row batches, not byte ranges.
+            local = Path(s.dataset).expanduser()
+            name = str(local.resolve()) if local.exists() else s.dataset
+            chunks += [_Chunk(i, s.name, split, name, "datasets", 0, 0, 0) for split in s.splits]
+            continue
         for split, raw_path in s.files.items():
             path = Path(raw_path).resolve()
             lay = sources.layout(s.format, path)
@@ -190,23 +204,26 @@ def _records(chunk: _Chunk, source: dict, instructions: list[str], seed: int, si
     path = Path(chunk.path)
     if sources.splittable(chunk.layout):
         lines = sources.iter_lines(path, chunk.start, chunk.end, chunk.first_line, max_line_bytes)
+    elif chunk.layout == "datasets":
+        lines = sources.dataset_rows(source, split, chunk.path, _BLOCK_ROWS)
     else:
         lines = sources.table_rows(path, chunk.layout, _BLOCK_ROWS)
     index, rejected, labels = chunk.first_index, 0, set()
     cols: dict[str, list[str]] = {f: [] for f in SCHEMA.names}
     with open(side / f"{chunk.key}.rejected.jsonl", "w", encoding="utf-8") as rej:
         for r in sources.parse(fmt, chunk.layout, source, lines):
-            if isinstance(r, sources.Parsed) and not (r.instruction or instructions):
+            if isinstance(r, sources.Parsed) and r.instruction is None and not instructions:
                 r = sources.Rejected(r.line, "field 'instruction' is empty and the source has no instructions "
                                              "to draw one from (set its instructions, or its entity)")
             if isinstance(r, sources.Rejected):
                 rejected += 1
-                rej.write(json.dumps({"source": name, "split": split, "file": source["files"][split],
+                rej.write(json.dumps({"source": name, "split": split, "file": sources.where(source, split),
                                       "line": r.line, "reason": r.reason}) + "\n")
                 continue
             labels.update(r.labels)
             row = (f"{name}/{split}/{index:07d}", task, name, split,
-                   r.instruction or draw(instructions, seed, name, split, index), r.input, r.output)
+                   draw(instructions, seed, name, split, index) if r.instruction is None else r.instruction,
+                   r.input, r.output)
             for col, value in zip(SCHEMA.names, row):
                 cols[col].append(value)
             index += 1
@@ -255,7 +272,7 @@ def _manifest_labels(s: SourceConfig, observed: set[str]) -> list[str]:
         return ["B", "I", "O"] if not s.typed else sorted(observed | {"O"})
     if s.task == "nli":
         return list(NLI_LABELS)
-    if s.format == "instructions":
+    if s.format in sources.ROW_FORMATS:
         return []
     words = set(s.labels.values()) if s.labels else set(observed)
     if s.task == "cls":
@@ -284,9 +301,9 @@ def _manifest(cfg: Config, digest: str, stats: dict) -> dict:
                            "template": cfg.corpus.template, "sources": {}}
     for i, s in enumerate(cfg.corpus.sources):
         splits = {split: {"records": stats[(i, split)]["records"],
-                          "rejected": stats[(i, split)]["rejected"], "file": path}
-                  for split, path in s.files.items()}
-        observed = set().union(*(stats[(i, split)]["labels"] for split in s.files))
+                          "rejected": stats[(i, split)]["rejected"], "file": sources.where(_source_dict(s), split)}
+                  for split in s.split_names()}
+        observed = set().union(*(stats[(i, split)]["labels"] for split in s.split_names()))
         out["sources"][s.name] = {"task": s.task, "format": s.format, "entity": s.entity,
                                   "typed": s.typed, "labels": _manifest_labels(s, observed),
                                   "splits": splits}
@@ -303,7 +320,7 @@ def _check_rejections(cfg: Config, splits: dict, rejected_file: Path) -> None:
     """
     limit = cfg.corpus.max_rejected_fraction
     for s in cfg.corpus.sources:
-        for split in s.files:
+        for split in s.split_names():
             st = splits[s.name][split]
             total = st["records"] + st["rejected"]
             if st["rejected"] and st["rejected"] / total > limit:
@@ -320,11 +337,12 @@ def _check_counts(cfg: Config, splits: dict) -> None:
         splits: ``{source name: {split: {"records", "rejected", "file"}}}`` (the manifest's shape).
     """
     for i, s in enumerate(cfg.corpus.sources):
-        for split in s.files:
+        for split in s.split_names():
             st = splits[s.name][split]
             if st["records"] == 0 and st["rejected"] == 0:
-                raise DataError(f"config key 'corpus.sources[{i}].files.{split}': {st['file']} holds no records "
-                                f"(only blank or -DOCSTART- lines)")
+                key, why = ("splits", "an empty split") if s.dataset is not None else \
+                    ("files", "only blank or -DOCSTART- lines")
+                raise DataError(f"config key 'corpus.sources[{i}].{key}.{split}': {st['file']} holds no records ({why})")
 
 
 def _split_stats(manifest: dict) -> dict:
@@ -347,13 +365,16 @@ def _read_pass(cfg: Config, chunks: list[_Chunk], tmp: Path) -> dict[str, int]:
     side.mkdir(parents=True)
     if cfg.run.quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_datasource(CorpusDatasource(chunks, cfg, side), num_cpus=LIGHT_CPUS,
+    # On the driver's node when no filesystem is shared: the sources and the corpus are its files.
+    where = file_task_options(cfg.run.storage, LIGHT_CPUS)
+    cpus = where.pop("num_cpus")
+    ds = ray.data.read_datasource(CorpusDatasource(chunks, cfg, side), num_cpus=cpus, ray_remote_args=where,
                                   concurrency=min(len(chunks), _cluster_cpus()))
     # Shards are bundled by bytes, not rows: with min_rows_per_file Ray Data raises every row
     # group to that size, and row groups are what readers split shards by. (Bundling by bytes
     # also measured faster: a 1M-record build 29 s and 10 shards, against 40 s and 37.)
     ds.write_parquet(str(tmp), min_bytes_per_file=cfg.corpus.shard_mib << 20,
-                     row_group_size=_ROW_GROUP_ROWS, ray_remote_args={"num_cpus": LIGHT_CPUS})
+                     row_group_size=_ROW_GROUP_ROWS, ray_remote_args={"num_cpus": cpus, **where})
     return {c.key: json.loads((side / f"{c.key}.stats.json").read_text())["records"] for c in chunks}
 
 

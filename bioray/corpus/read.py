@@ -129,7 +129,8 @@ def _read_row_groups(path: str, groups: list[int], split: Optional[str],
 
 
 def corpus_dataset(corpus_dir: str | Path, split: Optional[str] = None, columns: Optional[list[str]] = None,
-                   num_cpus: float = LIGHT_CPUS, rows_per_block: Optional[int] = None) -> "ray.data.Dataset":
+                   num_cpus: float = LIGHT_CPUS, rows_per_block: Optional[int] = None,
+                   ray_remote_args: Optional[dict] = None) -> "ray.data.Dataset":
     """The corpus as a Ray Dataset of records, optionally one split only.
 
     Args:
@@ -140,16 +141,18 @@ def corpus_dataset(corpus_dir: str | Path, split: Optional[str] = None, columns:
             Data fuses them into one task per block (no hand-over between processes).
         rows_per_block: about this many records per block (row groups are grouped up to it);
             None = one block per shard.
+        ray_remote_args: more options for the read tasks (where they run: ``storage.file_task_options``).
 
     Returns:
         A lazy dataset with the record columns (row order is not the id order).
     """
-    return read_row_groups(shard_paths(corpus_dir), split, columns, num_cpus, rows_per_block, schema=SCHEMA)
+    return read_row_groups(shard_paths(corpus_dir), split, columns, num_cpus, rows_per_block, schema=SCHEMA,
+                           ray_remote_args=ray_remote_args)
 
 
 def read_row_groups(paths: list[str], split: Optional[str] = None, columns: Optional[list[str]] = None,
                     num_cpus: float = LIGHT_CPUS, rows_per_block: Optional[int] = None,
-                    schema: Optional[pa.Schema] = None) -> "ray.data.Dataset":
+                    schema: Optional[pa.Schema] = None, ray_remote_args: Optional[dict] = None) -> "ray.data.Dataset":
     """Parquet files as a Ray Dataset read by row groups (see :class:`RowGroupDatasource`).
 
     Used instead of ``ray.data.read_parquet`` where a whole-CPU file-listing task could wait
@@ -158,7 +161,8 @@ def read_row_groups(paths: list[str], split: Optional[str] = None, columns: Opti
     source = RowGroupDatasource(list(paths), split, columns, rows_per_block, schema=schema)
     # One block per read task: without override_num_blocks Ray Data splits small reads into
     # many blocks (and one task per block downstream).
-    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=source.num_tasks)
+    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=source.num_tasks,
+                                    ray_remote_args=ray_remote_args)
 
 
 def read_records(corpus_dir: str | Path, source: str, split: str,

@@ -3,12 +3,14 @@
 A parser turns the lines of one byte range into :class:`Parsed` records and
 :class:`Rejected` lines, in file order. Line numbers are 1-based and count every line
 of the file (blank ones too), so a rejection can be found with ``sed -n Np``.
-Parquet files and saved Hugging Face datasets (``instructions`` only) are read by row
-batches instead; their "line" is the 1-based row number.
+Parquet files, saved Hugging Face datasets (``instructions``/``messages`` files) and ``dataset:``
+sources (any format, through ``datasets``) are read by row batches instead; their "line" is the
+1-based row number. Rows of any layout go through the source's ``columns`` mapping first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional
 
 from bioray.config import DATA_ENV, data_root
+from bioray.config.validate import FORMAT_FIELDS
 from bioray.corpus.templates import NLI_LABELS, instruction_set
 from bioray.errors import DataError
 
@@ -29,6 +32,11 @@ _TSV_SUFFIXES = (".tsv", ".txt")
 # Most characters of a source's own text a rejection quotes: corpora may hold patient text, and
 # rejected.jsonl and the error line are read by more people than the corpus.
 QUOTE_CHARS = 80
+# Formats whose files may also be Parquet or a saved Hugging Face dataset (rows, not lines).
+ROW_FORMATS = ("instructions", "messages")
+# Who says a turn of a chat record: OpenAI's roles and ShareGPT's `from` names.
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant"}
 
 
 class Parsed(NamedTuple):
@@ -69,12 +77,15 @@ def check_sources(cfg: Config) -> None:
     """What a corpus build checks before it reads a line; the jobs call it before Ray starts.
 
     Raises:
-        DataError: a source file is missing, a folder, unreadable or empty.
+        DataError: a source file is missing, a folder, unreadable or empty; a dataset does not load,
+            or lacks a split or column the source names.
         ConfigError: a source's instructions cannot be made (a NER source without an entity).
     """
     check_files(cfg)
     for i, s in enumerate(cfg.corpus.sources):
         instruction_set(s, i)
+        if s.dataset is not None:
+            check_dataset(s, i)
 
 
 def check_files(cfg: Config) -> None:
@@ -85,6 +96,8 @@ def check_files(cfg: Config) -> None:
     """
     root = data_root()
     for i, s in enumerate(cfg.corpus.sources):
+        if s.dataset is not None and s.dataset.startswith((".", "/", "~")) and not Path(s.dataset).expanduser().exists():
+            raise DataError(f"config key 'corpus.sources[{i}].dataset': folder not found: {s.dataset}")
         for split, path in s.files.items():
             key = f"config key 'corpus.sources[{i}].files.{split}'"
             p = Path(path)
@@ -94,7 +107,7 @@ def check_files(cfg: Config) -> None:
                     if p.resolve().is_relative_to(root) else ""
                 raise DataError(f"{key}: file not found: {path}{hint}")
             if p.is_dir():
-                if s.format == "instructions":
+                if s.format in ROW_FORMATS:
                     continue  # a saved Hugging Face dataset
                 raise DataError(f"{key}: {path} is a folder; expected a {s.format} file")
             if not os.access(p, os.R_OK):
@@ -107,14 +120,14 @@ def check_files(cfg: Config) -> None:
 
 
 def layout(fmt: str, path: Path) -> str:
-    """How a source file is read: iob | jsonl | tsv | parquet | hf_dataset.
+    """How a source file is read: iob | jsonl | tsv | parquet | hf_dataset (a ``dataset:`` source: datasets).
 
     ``re_masked`` goes by suffix (.jsonl/.json/.ndjson or .tsv/.txt), else sniffs the
     first non-blank byte (``{`` means JSON lines).
     """
     if fmt == "iob":
         return "iob"
-    if fmt == "instructions":
+    if fmt in ROW_FORMATS:
         if path.is_dir():
             return "hf_dataset"
         return "parquet" if path.suffix == ".parquet" else "jsonl"
@@ -449,6 +462,195 @@ def table_rows(path: Path, lay: str, batch_rows: int) -> Iterator[tuple[int, Any
             yield n, row
 
 
+# ---------------------------------------------------------------- chat records and token rows
+
+
+def parse_messages(rows: Iterable[tuple[int, Any]]) -> Iterator[Parsed | Rejected]:
+    """Chat records: OpenAI ``{"messages": [{"role", "content"}]}`` or ShareGPT ``{"conversations": [{"from", "value"}]}``.
+
+    The last turn is the assistant's answer (the output). System turns make the instruction (empty
+    without one: nothing is drawn in its place); the user turn before the answer is the input, after
+    any earlier turns, each a ``User: ...`` or ``Assistant: ...`` paragraph.
+    """
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        turns = _turns(n, obj)
+        if isinstance(turns, Rejected):
+            yield turns
+            continue
+        roles = [role for role, _ in turns]
+        if "assistant" not in roles:
+            yield Rejected(n, "no assistant turn: nothing to take as the answer")
+            continue
+        if roles[-1] != "assistant":
+            yield Rejected(n, f"a {roles[-1]} turn follows the last assistant turn (the answer must come last)")
+            continue
+        dialog = [(role, text) for role, text in turns[:-1] if role != "system"]
+        if not dialog or dialog[-1][0] != "user":
+            yield Rejected(n, "no user turn right before the answer")
+        elif not turns[-1][1].strip():
+            yield Rejected(n, "the answer (the last assistant turn) is empty")
+        else:
+            system = "\n\n".join(text for role, text in turns if role == "system")
+            earlier = [f"{role.capitalize()}: {text}" for role, text in dialog[:-1]]
+            text = "\n\n".join(earlier + [f"User: {dialog[-1][1]}"]) if earlier else dialog[-1][1]
+            yield Parsed(n, text, turns[-1][1], (), system)
+
+
+def _turns(n: int, obj: dict) -> list[tuple[str, str]] | Rejected:
+    """A chat record's turns as ``(system|user|assistant, text)``."""
+    key = "messages" if "messages" in obj or "conversations" not in obj else "conversations"
+    raw = obj.get(key)
+    if not isinstance(raw, list) or not raw:
+        what = "missing" if raw is None else "not a non-empty list of turns"
+        return Rejected(n, f"field {key!r} is {what}" + (" (or ShareGPT's 'conversations')" if raw is None else ""))
+    turns = []
+    for k, turn in enumerate(raw, 1):
+        if not isinstance(turn, dict):
+            return Rejected(n, f"turn {k} is not an object")
+        role = turn.get("role", turn.get("from"))
+        text = turn.get("content", turn.get("value"))
+        if role not in ROLES:
+            return Rejected(n, f"turn {k}: unknown role {quote(role)} (expected {', '.join(ROLES)})")
+        if not isinstance(text, str):
+            return Rejected(n, f"turn {k}: its text ('content' or 'value') is missing or not a string")
+        turns.append((ROLES[role], text))
+    return turns
+
+
+def parse_iob_rows(rows: Iterable[tuple[int, Any]], typed: bool) -> Iterator[Parsed | Rejected]:
+    """Sentences as rows ``{"tokens": [...], "tags": [...]}`` (IOB2 tag names, as Hugging Face NER datasets hold them)."""
+    for n, obj in rows:
+        if isinstance(obj, Rejected):
+            yield obj
+            continue
+        tokens, tags = obj.get("tokens"), obj.get("tags")
+        if not isinstance(tokens, list) or not isinstance(tags, list):
+            yield Rejected(n, "fields 'tokens' and 'tags' must be lists")
+        elif len(tokens) != len(tags) or not tokens:
+            yield Rejected(n, f"{len(tokens)} tokens and {len(tags)} tags (expected the same number, at least one)")
+        else:
+            good: list[str] = []
+            good_tags: list[str] = []
+            bad = next((r for t, g in zip(tokens, tags) if (r := _iob_line(n, f"{t}\t{g}", good, good_tags))), None)
+            yield from _flush_sentence(n, good, good_tags, bad, typed)
+
+
+def _mapped(rows: Iterable[tuple[int, Any]], columns: Optional[dict[str, str]]) -> Iterator[tuple[int, Any]]:
+    """Rows with each field read from its column (``source.columns``)."""
+    for n, obj in rows:
+        if columns and not isinstance(obj, Rejected):
+            missing = next((c for c in columns.values() if c not in obj), None)
+            obj = Rejected(n, f"column {missing!r} is missing") if missing is not None else \
+                {**obj, **{field: obj[column] for field, column in columns.items()}}
+        yield n, obj
+
+
+# ---------------------------------------------------------------- datasets sources
+
+
+def where(source: dict, split: str) -> str:
+    """What a rejection or count names as a source split's file: its path, or ``DATASET[SPLIT]``."""
+    if source["dataset"] is None:
+        return source["files"][split]
+    return f"{source['dataset']}[{source['splits'][split]}]"
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """``datasets``, imported on first use (the jobs' checks import it only for a dataset source), without
+    its progress bars (a job's stderr holds one line per error)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+def _load(dataset: str, subset: Optional[str], split: Optional[str] = None) -> Any:
+    """A ``datasets`` split (or, with no split, all of them as a dict-like of splits).
+
+    A folder written by ``save_to_disk`` loads with ``load_from_disk`` (a single Dataset is split
+    ``train``); anything else with ``load_dataset`` (a folder of data files, or a hub name).
+    """
+    path = Path(dataset).expanduser()
+    with _quiet_datasets() as datasets:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.Dataset):
+                data = datasets.DatasetDict({"train": data})
+            return data if split is None else data[split]
+        return datasets.load_dataset(str(path) if path.exists() else dataset, subset, split=split)
+
+
+def _required(fmt: str, columns: Optional[dict[str, str]]) -> dict[str, str]:
+    """Field -> column that every row of a dataset must have (an instructions dataset may lack instructions)."""
+    fields = [f for f in FORMAT_FIELDS[fmt] if not (fmt == "instructions" and f == "instruction")]
+    return {f: (columns or {}).get(f, f) for f in fields}
+
+
+def check_dataset(s: Any, index: int) -> None:
+    """Loads a ``dataset:`` source and checks the splits and columns it names.
+
+    Raises:
+        DataError: naming the config key: the dataset does not load, has no such split, or its split
+            lacks a column the format needs.
+    """
+    key = f"config key 'corpus.sources[{index}]"
+    try:
+        data = _load(s.dataset, s.subset)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{key}.dataset': cannot load {s.dataset!r}: {first}") from None
+    for split, name in s.splits.items():
+        if name not in data:
+            raise DataError(f"{key}.splits.{split}': {s.dataset} has no split {name!r} (it has: "
+                            f"{', '.join(sorted(data))})")
+        have = data[name].column_names
+        for field, column in _required(s.format, s.columns).items():
+            if s.format == "messages" and field == "messages" and not s.columns and "conversations" in have:
+                continue  # ShareGPT's name for it
+            if column not in have:
+                raise DataError(f"{key}.columns': {s.dataset}[{name}] has no column {column!r} for field {field!r} "
+                                f"of format {s.format} (its columns: {', '.join(have)}); map one in columns")
+
+
+def dataset_fingerprint(s: Any) -> list[str]:
+    """``datasets``' fingerprints of a hub dataset's splits (a local one is hashed by its files)."""
+    data = _load(s.dataset, s.subset)
+    return [data[name]._fingerprint for _, name in sorted(s.splits.items())]
+
+
+def dataset_rows(source: dict, split: str, dataset: str, batch_rows: int) -> Iterator[tuple[int, Any]]:
+    """Yields ``(row number, dict)`` of one split of a ``dataset:`` source, in batches.
+
+    Class-label tags (Hugging Face NER datasets store tag ids) become their names; an instructions
+    dataset without an instruction column gives every record an empty one (one is drawn).
+    """
+    data = _load(dataset, source["subset"], source["splits"][split])
+    columns = source["columns"] or {}
+    tags = columns.get("tags", "tags")
+    names = getattr(getattr(data.features.get(tags), "feature", None), "names", None) \
+        if source["format"] == "iob" else None
+    instruction = columns.get("instruction", "instruction")
+    fill = source["format"] == "instructions" and instruction not in data.column_names
+    n = 0
+    for batch in data.with_format("arrow").iter(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            n += 1
+            if names is not None and isinstance(row.get(tags), list):
+                row[tags] = [names[t] if isinstance(t, int) and 0 <= t < len(names) else t for t in row[tags]]
+            if fill:
+                row[instruction] = ""
+            yield n, row
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -459,9 +661,9 @@ def parse(fmt: str, lay: str, source: dict, rows_or_lines: Iterable) -> Iterator
         fmt: the source's format.
         lay: the file's layout (:func:`layout`).
         source: the source's config as a plain dict (it crosses to Ray tasks).
-        rows_or_lines: ``(line, raw bytes)`` pairs, or ``(row, dict)`` for tables.
+        rows_or_lines: ``(line, raw bytes)`` pairs, or ``(row, dict)`` for tables and datasets.
     """
-    if fmt == "iob":
+    if fmt == "iob" and lay == "iob":
         return parse_iob(rows_or_lines, source["typed"])
     if lay == "jsonl":
         rows = _json_lines(rows_or_lines)
@@ -469,6 +671,11 @@ def parse(fmt: str, lay: str, source: dict, rows_or_lines: Iterable) -> Iterator
         rows = _tsv_lines(rows_or_lines)
     else:
         rows = rows_or_lines
+    rows = _mapped(rows, source["columns"])
+    if fmt == "iob":
+        return parse_iob_rows(rows, source["typed"])
+    if fmt == "messages":
+        return parse_messages(rows)
     if fmt == "re_masked":
         return parse_re(rows, source["labels"])
     if fmt == "nli":

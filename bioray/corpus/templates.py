@@ -11,9 +11,12 @@ Placeholders filled per source: ``{entity}`` (iob: ``source.entity``), ``{labels
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from pathlib import Path
+from typing import Optional
 
-from bioray.config import SourceConfig
+from bioray.config import CHAT_TEMPLATE, SourceConfig
 from bioray.errors import ConfigError
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")
@@ -109,6 +112,9 @@ QA = (
     "Use the context to answer the question as precisely as possible.",
 )
 
+CHAT = CHAT_TEMPLATE
+"""``corpus.template`` value that formats records with the tokenizer's own chat template."""
+
 _PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 
 
@@ -119,7 +125,7 @@ def _join_choices(words: list[str]) -> str:
 def _default_set(source: SourceConfig, index: int) -> tuple[str, ...]:
     if source.task == "ner":
         if source.entity is None:
-            if source.format == "instructions":
+            if source.format in ("instructions", "messages"):
                 # Its records bring their own instructions; with no entity to name, bioray has
                 # none to fill in empty ones (such records are rejected, see corpus.build).
                 return ()
@@ -191,8 +197,105 @@ def render_prompt(template: str, instruction: str, input: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def encode_prompt(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of rendered prompts, with BOS where the tokenizer has one (training and generation agree)."""
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [[bos, *x] for x in ids] if bos is not None else ids
+def chat_messages(instruction: str, input: str, system: Optional[str] = None) -> list[dict]:
+    """A record as chat messages: an optional system turn, then one user turn (instruction and input).
+
+    The user turn is the instruction, a blank line and the input; either alone where the other is empty.
+    """
+    user = f"{instruction}\n\n{input}" if instruction and input else instruction or input
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": user}]
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a tokenizer folder ships a chat template (read from its files; nothing imported)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+class PromptFormat:
+    """How a prompt is laid out and encoded, and which token ends an answer: the one place for both.
+
+    Training (:class:`bioray.data.Tokenise`) and scoring (:mod:`bioray.evaluate.generate`) both build
+    prompts here, so an example is tokenised the same way in both: ``head + encode(prompt)`` where the
+    model answers, then ``encode(answer) + [end]``, the part the loss counts.
+
+    - ``corpus.template`` a layout (the paper's ``### Instruction`` one by default): the layout filled
+      in, after BOS where the tokenizer has one; the answer ends with EOS.
+    - ``corpus.template: chat``: the tokenizer's own chat template with its generation prompt
+      (``add_generation_prompt=True``); no BOS added (a template writes its own). The answer ends with
+      the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...), learned so that
+      generation stops there.
+
+    Picklable: a chat format keeps the tokenizer, whose template renders the prompts in the Ray Data
+    tasks that tokenise.
+
+    Raises:
+        ConfigError: chat, and the tokenizer has no chat template.
+    """
+
+    def __init__(self, template: str, tokenizer, system_prompt: Optional[str] = None):
+        self.template, self.system_prompt = template, system_prompt
+        self.chat = template == CHAT
+        self.tokenizer = tokenizer if self.chat else None
+        if self.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(f"config key 'corpus.template': chat needs a tokenizer with a chat template; "
+                                  f"{tokenizer.name_or_path or 'this tokenizer'} has none (use a chat/instruct "
+                                  f"model, or a layout with {{instruction}} and {{input}})")
+            self.head: list[int] = []
+            self.end = _chat_end(tokenizer, system_prompt)
+        else:
+            self.head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+            self.end = tokenizer.eos_token_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end generation: the answer's end, and EOS where that differs."""
+        eos = [] if self.tokenizer is None else [self.tokenizer.eos_token_id]
+        return list(dict.fromkeys(i for i in [self.end, *eos] if i is not None))
+
+    def render(self, instructions: list[str], inputs: list[str]) -> list[str]:
+        """The prompts of records as text; the answer follows each directly."""
+        if not self.chat:
+            return [render_prompt(self.template, i, x) for i, x in zip(instructions, inputs)]
+        if not instructions:
+            return []
+        chats = [chat_messages(i, x, self.system_prompt) for i, x in zip(instructions, inputs)]
+        return self.tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """Token ids of rendered prompts: the head (BOS, or nothing for chat), then the text's own tokens."""
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [self.head + x for x in ids] if self.head else ids
+
+
+# Stands for an answer while the chat template is probed for what follows one.
+_ANSWER_PROBE = "bioray answer probe"
+
+
+def _chat_end(tokenizer, system_prompt: Optional[str]) -> int:
+    """The token a chat template puts right after an assistant turn's content (its end of turn).
+
+    The first special token after the answer in a rendered conversation; EOS where the template puts
+    none there (it then ends answers as the paper's layout does).
+    """
+    chat = chat_messages("instruction", "input", system_prompt) + [{"role": "assistant", "content": _ANSWER_PROBE}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    at = text.rfind(_ANSWER_PROBE)
+    if at < 0:
+        raise ConfigError("config key 'corpus.template': the tokenizer's chat template does not write the assistant "
+                          "turn's content, so answers cannot be trained on; use a layout with {instruction} and "
+                          "{input}")
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tail = tokenizer(text[at + len(_ANSWER_PROBE):], add_special_tokens=False)["input_ids"]
+    end = next((i for i in tail if i in special), tokenizer.eos_token_id)
+    if end is None:
+        raise ConfigError("config key 'corpus.template': the chat template ends an assistant turn with no special "
+                          "token and the tokenizer has no EOS: nothing would stop generation")
+    return end

@@ -14,7 +14,8 @@ Two methods, picked per task by :func:`answer_spec`:
   the prompt's KV cache per choice; the best one is the answer.
 
 Tokenisation. Training tokenises the answer on its own (``tokenizer(output) + EOS``), so a
-valid answer's token ids are ``encode(answer_text) + [EOS]``. Pieces are tokenised one at a
+valid answer's token ids are ``encode(answer_text) + [EOS]`` (with ``corpus.template: chat``, the chat
+template's end-of-turn token in place of EOS: every function here takes it as ``end``). Pieces are tokenised one at a
 time, which equals the whole answer's tokenisation when the tokenizer never merges across a
 piece boundary. That holds for byte-level BPE (GPT-2's pre-tokenizer splits off ``"\\n"`` and the
 ``", "`` before a label), and :func:`lines_separable` checks it per answer; where it does not hold
@@ -126,11 +127,12 @@ def _in_context(tokenizer, before: str, texts: list[str]) -> list[tuple[int, ...
 class TagGrammar:
     """NER: ``token : TAG`` per input token, joined by newlines, then EOS; only the tags are free."""
 
-    def __init__(self, tokenizer, tokens: Sequence[str], tags: Sequence[str], separable: bool | None = None):
+    def __init__(self, tokenizer, tokens: Sequence[str], tags: Sequence[str], separable: bool | None = None,
+                 end: int | None = None):
         self.tok, self.tokens, self.tags = tokenizer, list(tokens), list(tags)
-        self.eos = tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token_id if end is None else end
         table = self._line_table()
-        self.separable = lines_separable(tokenizer, self.tokens, self.tags, table) if separable is None \
+        self.separable = lines_separable(tokenizer, self.tokens, self.tags, table, self.eos) if separable is None \
             else separable
         self._table = table if self.separable else None
 
@@ -162,7 +164,8 @@ class TagGrammar:
         return "\n".join(f"{t}{NER_SEPARATOR}{g}" for t, g in zip(self.tokens, history))
 
 
-def lines_separable(tokenizer, tokens: Sequence[str], tags: Sequence[str], table: list[list[Piece]]) -> bool:
+def lines_separable(tokenizer, tokens: Sequence[str], tags: Sequence[str], table: list[list[Piece]],
+                    end: int | None = None) -> bool:
     """Whether this NER answer's tokenisation is the concatenation of its lines' tokenisations.
 
     Merges across a newline could only join the end of one line (its tag) with the start of the
@@ -170,10 +173,11 @@ def lines_separable(tokenizer, tokens: Sequence[str], tags: Sequence[str], table
     Byte-level BPE passes (its pre-tokenizer always splits ``"\\n"`` off), SentencePiece-style
     tokenizers that prefix the first word do not.
     """
+    end = tokenizer.eos_token_id if end is None else end
     answers = ["\n".join(f"{t}{NER_SEPARATOR}{tag}" for t in tokens) for tag in tags]
     for j, ids in enumerate(_encode(tokenizer, answers)):
         pieces = [ids_ for line in table for ids_ in line[j].ids]
-        if ids + [tokenizer.eos_token_id] != pieces:
+        if ids + [end] != pieces:
             return False
     return True
 
@@ -181,9 +185,10 @@ def lines_separable(tokenizer, tokens: Sequence[str], tags: Sequence[str], table
 class ListGrammar:
     """Multi-label: ``label (", " label)*`` without repeats, or the none word; then EOS."""
 
-    def __init__(self, tokenizer, labels: Sequence[str], none_label: str, separable: bool | None = None):
+    def __init__(self, tokenizer, labels: Sequence[str], none_label: str, separable: bool | None = None,
+                 end: int | None = None):
         self.tok, self.labels, self.none = tokenizer, list(labels), none_label
-        self.eos = tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token_id if end is None else end
         first = _encode(tokenizer, self.labels + [none_label])
         more = _encode(tokenizer, [LIST_SEPARATOR + label for label in self.labels])
         self._first = [Piece(label, tuple(ids), False) for label, ids in zip(self.labels, first)]
@@ -216,19 +221,19 @@ def _list_separable(tokenizer, labels: tuple[str, ...]) -> bool:
     return all(ids == own[a] + more[b] for (a, b), ids in zip(pairs, joined))
 
 
-def grammar_for(tokenizer, spec: AnswerSpec) -> Grammar:
-    """The grammar of a tags or list spec."""
+def grammar_for(tokenizer, spec: AnswerSpec, end: int | None = None) -> Grammar:
+    """The grammar of a tags or list spec; answers end with ``end`` (None: EOS)."""
     if spec.kind == "tags":
-        return TagGrammar(tokenizer, spec.tokens, spec.labels)
+        return TagGrammar(tokenizer, spec.tokens, spec.labels, end=end)
     if spec.kind == "list":
-        return _list_grammar(tokenizer, spec.labels, spec.none_label)
+        return _list_grammar(tokenizer, spec.labels, spec.none_label, end)
     raise ValueError(f"no grammar for answers of kind {spec.kind!r}")
 
 
 @functools.lru_cache(maxsize=16)
-def _list_grammar(tokenizer, labels: tuple[str, ...], none_label: str) -> ListGrammar:
+def _list_grammar(tokenizer, labels: tuple[str, ...], none_label: str, end: int | None) -> ListGrammar:
     # One per label space: its pieces depend on the history only, and the pair check is |labels|².
-    return ListGrammar(tokenizer, labels, none_label)
+    return ListGrammar(tokenizer, labels, none_label, end=end)
 
 
 class Walker:
@@ -449,9 +454,10 @@ def _score_chunk(model, prompts, choices, pad_id: int, device) -> list[list[floa
 
 
 def best_choice(tokenizer, model, prompts: list[list[int]], label_sets: list[Sequence[str]], batch_size: int,
-                device: str | torch.device = "cpu") -> list[str]:
-    """The most likely answer word per prompt (ties go to the first in its label set)."""
-    eos = tokenizer.eos_token_id
+                device: str | torch.device = "cpu", end: int | None = None) -> list[str]:
+    """The most likely answer word per prompt (ties go to the first in its label set); answers end with
+    ``end`` (None: EOS)."""
+    eos = tokenizer.eos_token_id if end is None else end
     encoded = {}
     for labels in label_sets:
         for label in labels:

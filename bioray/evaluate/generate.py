@@ -9,22 +9,26 @@ import torch
 
 from bioray.config import Config
 from bioray.checkpoint import check_base, is_full
-from bioray.corpus import encode_prompt
+from bioray.corpus import PromptFormat
 
 log = logging.getLogger("bioray")
 
 class Generator:
     """Holds a base model and tokenizer; ``use(checkpoint)`` swaps in that checkpoint's adapter."""
 
-    def __init__(self, base_path: str, cfg: Config, device: str = "cpu"):
+    def __init__(self, base_path: str, cfg: Config, device: str = "cpu", load_from: str | None = None):
+        """``base_path`` is the base checkpoints must be made for; ``load_from`` a copy of it on this node
+        (a download from run.storage), if it is not at ``base_path`` here."""
         from bioray.model import load_base, load_tokenizer
 
         self.base_path, self.cfg, self.device = base_path, cfg, device
-        self.tokenizer = load_tokenizer(base_path, cfg)
+        self.load_from = load_from or base_path
+        self.tokenizer = load_tokenizer(self.load_from, cfg)
         # Decoder-only generation continues from the right end: pad on the left.
         self.tokenizer.padding_side = "left"
+        self.format = PromptFormat(cfg.corpus.template, self.tokenizer, cfg.corpus.system_prompt)
         self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.base = load_base(base_path, cfg, dtype=self.dtype).to(device).eval()
+        self.base = load_base(self.load_from, cfg, dtype=self.dtype).to(device).eval()
         self.model = self.base
         self._adapter: str | None = None
         self._n = 0
@@ -48,7 +52,7 @@ class Generator:
             self.model = load_base(str(checkpoint_dir), self.cfg, dtype=self.dtype).to(self.device).eval()
             return
         if self.base is None:  # the previous checkpoint was full weights
-            self.base = load_base(self.base_path, self.cfg, dtype=self.dtype).to(self.device).eval()
+            self.base = load_base(self.load_from, self.cfg, dtype=self.dtype).to(self.device).eval()
             self.model = self.base
         name = f"ckpt{self._n}"
         self._n += 1
@@ -61,17 +65,28 @@ class Generator:
         self._adapter = name
         self.model.to(self.device)
 
-    @torch.no_grad()
+    def prompts(self, items: list[dict]) -> list[str]:
+        """The prompts of records (dicts with ``instruction`` and ``input``), laid out as training lays them out."""
+        return self.format.render([i["instruction"] for i in items], [i["input"] for i in items])
+
     def generate(self, prompts: list[str], max_new_tokens: list[int], batch_size: int, num_beams: int = 1) -> list[str]:
-        """Greedy (or beam) answers for rendered prompts, in the order given.
+        """Greedy (or beam) answers for rendered prompts, in the order given (see :meth:`answer_ids`)."""
+        return [self.tokenizer.decode(ids, skip_special_tokens=True)
+                for ids in self.answer_ids(prompts, max_new_tokens, batch_size, num_beams)]
+
+    @torch.no_grad()
+    def answer_ids(self, prompts: list[str], max_new_tokens: list[int], batch_size: int,
+                   num_beams: int = 1) -> list[list[int]]:
+        """The token ids generated after each rendered prompt, in the order given, up to the answer's end.
 
         Prompts are batched by length so little padding is generated over; each batch stops at
-        the longest ``max_new_tokens`` of its members or when all have produced EOS.
+        the longest ``max_new_tokens`` of its members or when all have ended their answers (EOS, or a
+        chat template's end of turn, which is kept as the last id).
         """
-        ids = encode_prompt(self.tokenizer, prompts)
+        ids = self.format.encode(self.tokenizer, prompts)
         order = sorted(range(len(prompts)), key=lambda k: len(ids[k]))
-        out: list[str] = [""] * len(prompts)
-        pad = self.tokenizer.pad_token_id
+        out: list[list[int]] = [[] for _ in prompts]
+        pad, stop = self.tokenizer.pad_token_id, self.format.stop_ids
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             width = max(len(ids[k]) for k in chunk)
@@ -83,10 +98,13 @@ class Generator:
             gen = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                 max_new_tokens=max(max_new_tokens[k] for k in chunk), do_sample=False, num_beams=num_beams,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad,
+                eos_token_id=stop, pad_token_id=pad,
             )
             for row, k in enumerate(chunk):
-                out[k] = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+                new = gen[row, width:].tolist()
+                # A finished row is padded to the batch's length: cut after its first stop token.
+                ends = [j for j, t in enumerate(new) if t in stop]
+                out[k] = new[:ends[0] + 1] if ends else new
         return out
 
     @torch.no_grad()
@@ -114,19 +132,20 @@ class Generator:
         groups: dict[str, list[int]] = {}
         for k, spec in enumerate(specs):
             groups.setdefault("grammar" if spec.kind in ("tags", "list") else spec.kind, []).append(k)
-        ids = encode_prompt(self.tokenizer, prompts)
+        ids = self.format.encode(self.tokenizer, prompts)
+        end = self.format.end  # answers end as training ends them
         if groups.get("grammar"):
             ks = groups["grammar"]
             walkers = decode_grammar(self.model, [ids[k] for k in ks],
-                                     [grammar_for(self.tokenizer, specs[k]) for k in ks], batch_size,
+                                     [grammar_for(self.tokenizer, specs[k], end) for k in ks], batch_size,
                                      self.tokenizer.pad_token_id, self.device)
             for k, w in zip(ks, walkers):
                 out[k] = w.answer
-            _check_canonical(self.tokenizer, walkers)
+            _check_canonical(self.tokenizer, walkers, end)
         if groups.get("choice"):
             ks = groups["choice"]
             best = best_choice(self.tokenizer, self.model, [ids[k] for k in ks], [specs[k].labels for k in ks],
-                               batch_size, self.device)
+                               batch_size, self.device, end)
             for k, answer in zip(ks, best):
                 out[k] = answer
         if groups.get("free"):
@@ -137,14 +156,14 @@ class Generator:
         return out
 
 
-def _check_canonical(tokenizer, walkers) -> None:
+def _check_canonical(tokenizer, walkers, end: int) -> None:
     """Warns where a constrained answer's tokens are not its text's own tokenisation.
 
     Only a tokenizer that merges across answer lines and changes earlier tokens when a line is
     added can cause that (see ``bioray.evaluate.constrained``); the answers still parse.
     """
     encoded = tokenizer([w.answer for w in walkers], add_special_tokens=False)["input_ids"]
-    off = sum(ids + [tokenizer.eos_token_id] != w.ids for ids, w in zip(encoded, walkers))
+    off = sum(ids + [end] != w.ids for ids, w in zip(encoded, walkers))
     if off:
         log.warning("%d of %d constrained answers are not tokenised as training tokenises their text; "
                     "this tokenizer merges across answer lines", off, len(walkers))

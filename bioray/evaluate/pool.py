@@ -24,8 +24,12 @@ NAMESPACE = "bioray"
 
 
 def eval_items(cfg: Config, corpus_dir: Path) -> list[dict]:
-    """The held-out records every checkpoint is scored on: ``eval.split``, ``eval.max_examples`` per source."""
-    from bioray.corpus import read_manifest, read_records, render_prompt
+    """The held-out records every checkpoint is scored on: ``eval.split``, ``eval.max_examples`` per source.
+
+    Each keeps its instruction and input; a scorer lays out the prompts with its tokenizer
+    (``Generator.prompts``), as a chat template needs one.
+    """
+    from bioray.corpus import read_manifest, read_records
 
     manifest = read_manifest(corpus_dir)
     items = []
@@ -33,9 +37,8 @@ def eval_items(cfg: Config, corpus_dir: Path) -> list[dict]:
         if cfg.eval.split not in manifest["sources"].get(source.name, {}).get("splits", {}):
             continue
         for r in read_records(corpus_dir, source.name, cfg.eval.split, limit=cfg.eval.max_examples):
-            items.append({"id": r["id"], "source": r["source"], "task": r["task"], "input": r["input"],
-                          "output": r["output"],
-                          "prompt": render_prompt(cfg.corpus.template, r["instruction"], r["input"])})
+            items.append({"id": r["id"], "source": r["source"], "task": r["task"], "instruction": r["instruction"],
+                          "input": r["input"], "output": r["output"]})
     return items
 
 
@@ -105,10 +108,12 @@ def task_score(cfg: Config, results: dict) -> float:
 class Scorer:
     """One scorer: a base model loaded once, a slice of the eval records, predictions per checkpoint."""
 
-    def __init__(self, config: dict, base_path: str, manifest: dict, items: list[dict], shard: int, num_shards: int):
+    def __init__(self, config: dict, base_path: str, manifest: dict, items: list[dict], shard: int, num_shards: int,
+                 base_uri: str | None = None):
         import torch
 
         from bioray.evaluate.generate import Generator
+        from bioray.storage import node_copy
 
         self.cfg = from_dict(config)
         self.manifest = manifest
@@ -117,7 +122,7 @@ class Scorer:
         device = "cuda" if self.cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.eval.cpus_per_actor + 0.5)))
-        self.generator = Generator(base_path, self.cfg, device=device)
+        self.generator = Generator(base_path, self.cfg, device=device, load_from=node_copy(base_path, base_uri))
         tok = self.generator.tokenizer
         answer_lens = [len(x) for x in tok([i["output"] for i in self.items], add_special_tokens=False)["input_ids"]] \
             if self.items else []
@@ -138,7 +143,7 @@ class Scorer:
             with checkpoint.as_directory() as d:
                 self.generator.use(d)
         start = time.time()
-        prompts = [i["prompt"] for i in self.items]
+        prompts = self.generator.prompts(self.items)
         if self.specs is None:
             answers = self.generator.generate(prompts, self.max_new, self.cfg.eval.batch_size, self.cfg.eval.num_beams)
         else:
@@ -153,8 +158,11 @@ class Scorer:
         return score_predictions(self.cfg, self.manifest, self.all_items, predictions)
 
 
-def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str) -> list:
-    """Starts ``eval.num_actors`` named scorer actors (reused if already running under ``name``)."""
+def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str, base_uri: str | None = None) -> list:
+    """Starts ``eval.num_actors`` named scorer actors (reused if already running under ``name``).
+
+    ``base_uri``: where actors on a node that cannot see ``base_path`` download the base from.
+    """
     from bioray.corpus import read_manifest
 
     manifest = read_manifest(corpus_dir)
@@ -164,7 +172,7 @@ def start_pool(cfg: Config, base_path: str, corpus_dir: Path, name: str) -> list
     remote = ray.remote(Scorer)
     return [remote.options(name=f"{name}-{k}", namespace=NAMESPACE, get_if_exists=True,
                            num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor)
-            .remote(to_dict(cfg), base_path, manifest, items_ref, k, n) for k in range(n)]
+            .remote(to_dict(cfg), base_path, manifest, items_ref, k, n, base_uri) for k in range(n)]
 
 
 def run_pool(actors: list, checkpoint) -> dict:
