@@ -112,25 +112,34 @@ def local_copy(uri_or_path: str) -> Iterator[Path]:
     if not is_uri(uri_or_path):
         yield Path(uri_or_path.removeprefix("file://")).expanduser().resolve()
         return
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(uri_or_path)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        from bioray.errors import CheckpointError
-
-        raise CheckpointError(f"{uri_or_path}: checkpoint folder not found")
     from bioray.tempdirs import prefix
 
     # Named for its process, so a killed run's download is removed by the next job (bioray.cli).
     with tempfile.TemporaryDirectory(prefix=prefix("bioray-download")) as tmp:
-        dest = Path(tmp) / Path(path).name
-        for rel in _files_under(fs, path):
-            # Object stores list files, not folders: make each file's folder here first.
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(f"{path}/{rel}") as src, open(dest / rel, "wb") as out:
-                while chunk := src.read(8 << 20):
-                    out.write(chunk)
+        dest = Path(tmp) / uri_or_path.rstrip("/").rsplit("/", 1)[-1]
+        _download(uri_or_path, dest)
         yield dest
+
+
+def _download(uri: str, dest: Path) -> None:
+    """Copies the folder at ``uri`` (recursively) into the new local folder ``dest``.
+
+    Raises:
+        CheckpointError: there is no folder at ``uri``.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        from bioray.errors import CheckpointError
+
+        raise CheckpointError(f"{uri}: checkpoint folder not found")
+    for rel in _files_under(fs, path):
+        # Object stores list files, not folders: make each file's folder here first.
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{path}/{rel}") as src, open(dest / rel, "wb") as out:
+            while chunk := src.read(8 << 20):
+                out.write(chunk)
 
 
 def _files_under(fs, path: str) -> list[str]:
@@ -235,10 +244,13 @@ def node_copy(path: str, uri: str | None) -> str:
     dest = Path(tempfile.gettempdir()) / "bioray-shared" / uri.rstrip("/").rsplit("/", 1)[-1]
     if (dest / PUBLISHED).is_file():
         return str(dest)
-    with local_copy(uri) as tmp:
-        staged = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(tmp, staged)
+    staged = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+    staged.mkdir(parents=True)
+    try:
+        _download(uri, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     try:
         os.rename(staged, dest)
     except OSError:  # another worker of this node got there first
