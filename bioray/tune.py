@@ -297,6 +297,15 @@ def write_outputs(cfg: Config, rows: list[dict], tune_dir: Path) -> dict:
 
 
 def write_search_plot(rows: list[dict], path: Path, cfg: Config) -> None:
+    """``search.png``: :func:`search_figure` as a file."""
+    import matplotlib.pyplot as plt
+
+    fig = search_figure(rows, cfg)
+    write_via(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def search_figure(rows: list[dict], cfg: Config):
     """Score against each searched value (one panel each), one dot per trial coloured by its state."""
     import matplotlib
 
@@ -318,7 +327,7 @@ def write_search_plot(rows: list[dict], path: Path, cfg: Config) -> None:
                 ax.scatter(*zip(*pts), c=colour, label=state, s=36)
         if key == "lr":
             ax.set_xscale("log")
-        ax.set_xlabel(key)
+        ax.set_xlabel(axis_label(key, cfg))
         ax.set_ylabel("task score")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(params):]:
@@ -327,5 +336,14 @@ def write_search_plot(rows: list[dict], path: Path, cfg: Config) -> None:
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{cfg.run.dir}: {len(rows)} trials (score: best checkpoint; stopped trials: latest)")
     fig.tight_layout()
-    write_via(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    return fig
+
+
+def axis_label(key: str, cfg: Config) -> str:
+    """A ``trials.csv`` column as a reader reads it: ``weight of <source>`` (or ``<task>``) for a
+    mixture weight (``weight.<name>``, or ``mixture.weights.<name>`` from ``tune.space``), the
+    column itself otherwise (``lr``, ``rank``, a dotted config key)."""
+    for prefix in ("weight.", "mixture.weights."):
+        if key.startswith(prefix):
+            return f"weight of {'task ' if cfg.mixture.by == 'task' else ''}{key[len(prefix):]}"
+    return key

@@ -35,3 +35,20 @@ def test_a_gain_inside_the_seed_spread_is_not_a_finding():
     assert out["gain"] == pytest.approx(0.025) and out["seed_spread"] == pytest.approx(0.10)
     assert out["gain_beats_noise"] is False
     assert ms.seed_spread([0.3]) == 0.0 and ms.gain([0.5], [0.49]) == pytest.approx(-0.01)
+
+
+def test_search_plot_has_a_panel_per_source_weight_labelled_for_a_reader():
+    from bioray.config import load
+    from bioray.tune import search_figure
+
+    rows = [{"trial": f"t{i}", "state": state, "score": 0.5 + i / 10, "steps": 24, "lr": 1e-3, "rank": 8,
+             "weight.a": a, "weight.b": round(1 - a, 2), "dir": f"/d/t{i}"}
+            for i, (state, a) in enumerate([("completed", 0.3), ("stopped early", 0.6), ("completed", 0.5)])]
+    fig = search_figure(rows, load("configs/quickstart.yaml"))
+    assert [ax.get_xlabel() for ax in fig.axes if ax.axison] == ["weight of a", "weight of b"]  # lr, rank fixed
+    rows = [{**r, "lr": 1e-3 * (i + 1), "weight.a": 0.5, "weight.b": 0.5} for i, r in enumerate(rows)]
+    fig = search_figure(rows, load("configs/quickstart.yaml"))
+    assert [ax.get_xlabel() for ax in fig.axes if ax.axison] == ["lr"] and fig.axes[0].get_xscale() == "log"
+    rows = [{**r, "weight.a": 0.1 * (i + 1)} for i, r in enumerate(rows)]
+    by_task = search_figure(rows, load("configs/quickstart.yaml", ["mixture.by=task", "mixture.weights={}"]))
+    assert [ax.get_xlabel() for ax in by_task.axes if ax.axison] == ["lr", "weight of task a"]
