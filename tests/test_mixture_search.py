@@ -37,6 +37,100 @@ def test_a_gain_inside_the_seed_spread_is_not_a_finding():
     assert ms.seed_spread([0.3]) == 0.0 and ms.gain([0.5], [0.49]) == pytest.approx(-0.01)
 
 
+# ---------------------------------------------------------------------------- report.md
+
+CONFIG = {"corpus": {"sources": [  # references made up: the report must print these, not the paper's
+    {"name": "s0", "task": "ner", "reference": {"metric": "f1", "paper_7b": 80.0, "paper_13b": 81.5,
+                                                "encoder": {"name": "EncA", "score": 90.0}}},
+    {"name": "s1", "task": "ner", "reference": {"metric": "f1", "paper_7b": 70.5,
+                                                "encoder": {"name": "EncA", "score": 80.0}}},
+    {"name": "s2", "task": "ner", "reference": {"metric": "f1", "paper_7b": 60.25,
+                                                "encoder": {"name": "EncA", "score": 70.0}}},
+]}}
+
+
+def _out(f1s: dict, weights: dict, **search) -> dict:
+    """A benchmark output from made-up runs ({(mixture, seed): per-source F1}), as main() assembles it."""
+    runs = []
+    for (mixture, seed), scores in f1s.items():
+        run = _run(mixture, seed, scores)
+        w = weights if mixture == "searched" else {n: 1.0 for n in weights}
+        runs.append({**run, "weights": w, "split": "validation", "seconds": 1234.5,
+                     "records_per_epoch": {"s0": 100 + seed, "s1": 50, "s2": 25} if mixture == "searched" else None})
+    return {"config": "configs/x.yaml", "small": False, "sets": ["train.max_steps=9"], "seeds": [0, 1],
+            "command": "python benchmarks/mixture_search.py --out m.json", "runs": runs,
+            "search": {"dir": "/w/search/tune", "trials": 8, "completed": 3, "stopped_early": 5, "errors": 0,
+                       "best": {"trial": "t_00004", "state": "completed", "score": 0.61, "steps": 300}, **search},
+            **ms.summary(runs, weights), "wall_s": 7200.0}
+
+
+FOUND = {("uniform", 0): [0.40, 0.50, 0.60], ("uniform", 1): [0.42, 0.50, 0.64],
+         ("searched", 0): [0.50, 0.50, 0.62], ("searched", 1): [0.49, 0.52, 0.66]}
+
+
+def _rows(text: str, section: str) -> dict[str, list[str]]:
+    """The table under ``## section``, as {first cell: the other cells}."""
+    part = text.split(f"## {section}\n")[1].split("\n## ")[0]
+    return {cells[0]: cells[1:] for line in part.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_report_puts_each_seed_and_the_mean_beside_the_config_references():
+    text = ms.report_markdown(_out(FOUND, {"s0": 0.5, "s1": 0.2, "s2": 0.3}), CONFIG)
+    rows = _rows(text, "Scores")
+    assert rows["source"] == ["uniform seed 0", "uniform seed 1", "uniform mean", "searched seed 0", "searched seed 1",
+                              "searched mean", "paper_7b", "paper_13b", "encoder"]
+    assert rows["s0"] == ["40.00", "42.00", "41.00", "50.00", "49.00", "49.50", "80.0", "81.5", "90.0 (EncA)"]
+    assert rows["s1"] == ["50.00", "50.00", "50.00", "50.00", "52.00", "51.00", "70.5", "", "80.0 (EncA)"]
+    # the mean row: each run's mean over sources, summary()'s means, a reference's mean where every source has one
+    assert rows["mean"] == ["50.00", "52.00", "51.00", "54.00", "55.67", "54.83", "70.25", "", "80.00 (EncA)"]
+    assert "Entity F1 of each source on the `validation` split" in text
+    # the mixtures: weights with their shares, each run's records per epoch where its result.json had them
+    mix = _rows(text, "The mixtures")
+    assert mix["source"] == ["uniform weight (share)", "searched weight (share)", "searched seed 0: records/epoch",
+                             "searched seed 1: records/epoch"]
+    assert mix["s0"] == ["1 (33.3%)", "0.5 (50.0%)", "100", "101"] and mix["total"] == ["", "", "175", "176"]
+    assert "`t_00004` (completed, task score 61.00 after 300 steps, seed 0)" in text
+    assert ("- Seed spread (max - min of one setting's per-seed means): uniform 2.00, searched 1.67; "
+            "the larger, 2.00, is the noise floor.") in text
+    assert "- Gain (searched mean - uniform mean, each over seeds): +3.83 points (51.00 -> 54.83)." in text
+    assert "**yes**: the gain (+3.83 points) is at least 1.00 points and larger than the seed spread (2.00)" in text
+    assert "8 trials, 3 completed, 5 stopped early by ASHA" in text and "7,200 s (2.0 h)" in text
+    assert "`python benchmarks/mixture_search.py --out m.json`" in text and "`train.max_steps=9`" in text
+    assert "search.png" not in text  # no plot given: none shown
+
+
+def test_report_says_a_gain_inside_the_spread_or_under_a_point_is_not_a_finding():
+    inside = _out({("uniform", 0): [0.40, 0.40, 0.40], ("uniform", 1): [0.50, 0.50, 0.50],
+                   ("searched", 0): [0.47, 0.47, 0.47], ("searched", 1): [0.48, 0.48, 0.48]}, {"s0": 1, "s1": 1, "s2": 1})
+    text = ms.report_markdown(inside, CONFIG)
+    assert inside["gain_beats_noise"] is False
+    assert "**no**: the gain (+2.50 points) is inside the seed spread (10.00): not a finding." in text
+    small = _out({("uniform", 0): [0.500] * 3, ("uniform", 1): [0.502] * 3,
+                  ("searched", 0): [0.506] * 3, ("searched", 1): [0.507] * 3}, {"s0": 1, "s1": 1, "s2": 1})
+    assert small["gain"] > small["seed_spread"] and small["gain_beats_noise"] is False
+    assert "**no**: the gain (+0.55 points) is below 1.00 points: not a finding." in ms.report_markdown(small, CONFIG)
+    worse = _out({("uniform", 0): [0.5] * 3, ("uniform", 1): [0.5] * 3,
+                  ("searched", 0): [0.4] * 3, ("searched", 1): [0.4] * 3}, {"s0": 1, "s1": 1, "s2": 1})
+    assert ("the gain (-10.00 points) is below 1.00 points and inside the seed spread (0.00)"
+            in ms.report_markdown(worse, CONFIG))
+
+
+def test_write_report_copies_the_search_plot_beside_report_md_and_names_both(tmp_path):
+    tune_dir = tmp_path / "search" / "tune"
+    tune_dir.mkdir(parents=True)
+    (tune_dir / "search.png").write_bytes(b"\x89PNG made up")
+    out = _out(FOUND, {"s0": 0.5, "s1": 0.2, "s2": 0.3}, dir=str(tune_dir))
+    path = ms.write_report(tmp_path, out, CONFIG)
+    assert path == tmp_path / "report.md" and out["report"] == str(path) and out["search"]["plot"] == "search.png"
+    assert (tmp_path / "search.png").read_bytes() == b"\x89PNG made up"
+    assert "](search.png)" in path.read_text() and "| mean | 50.00 |" in path.read_text()
+    (tune_dir / "search.png").unlink()
+    (tmp_path / "search.png").unlink()
+    ms.write_report(tmp_path, out, CONFIG)
+    assert out["search"]["plot"] is None and "search.png" not in path.read_text()
+
+
 def test_search_plot_has_a_panel_per_source_weight_labelled_for_a_reader():
     from bioray.config import load
     from bioray.tune import search_figure
