@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bioray")
 
-TINY_VERSION = "2"  # 2: words split from the spaces before them (see _train_tokenizer)
+TINY_VERSION = "1"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 TINY_TMP = ".tiny-tmp"  # a tiny base being built (bioray.tempdirs naming)
 # Weights that load without running code, and the pickle formats that can run code when loaded.
@@ -225,7 +225,7 @@ def build_tiny(cfg: Config, corpus_dir: Path) -> Path:
     vocab_texts = texts if what != "inputs" else _corpus_texts(cfg, corpus_dir, manifest, "prompts")
     tmp = tempdirs.make(out.parent, TINY_TMP)
     try:
-        tokenizer = _train_tokenizer(vocab_texts, cfg.model.tiny.vocab_size)
+        tokenizer = _train_tokenizer(vocab_texts, cfg.model.tiny.vocab_size, cfg.model.tiny.pre_tokenizer)
         model = _init_tiny(cfg, tokenizer)
         _pretrain(model, tokenizer, texts, cfg)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -265,21 +265,24 @@ def _corpus_texts(cfg: Config, corpus_dir: Path, manifest: dict, what: Optional[
     return texts
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int):
+def _train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: str = "bytelevel"):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # A word is the same tokens wherever it stands: GPT-2's pre-tokenizer glues the space before a
-    # word to it (" associated"), so the word at a line's start ("associated : O", an NER answer
-    # line) was other tokens (ass|oci|ated) and copying it from the input meant learning its
-    # spelling. A base that small never did in minutes (answer loss stuck near 2.1, F1 0.00 on real
-    # NER; docs/real-data.md). Letters, digits, other symbols (with the space before them) and
-    # white space are pre-tokens of their own.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    if pre_tokenizer == "words":
+        # A word is the same tokens wherever it stands. GPT-2's pre-tokenizer glues the space before
+        # a word to it (" associated"), so the word at a line's start ("associated : O", an NER
+        # answer line) is other tokens (ass|oci|ated), and copying it from the input means learning
+        # its spelling: a base that never saw an answer did not, in minutes (answer loss stuck near
+        # 2.1, F1 0.00 on real NER; docs/real-data.md). Letters, digits, other symbols (with the
+        # space before them) and white space are pre-tokens of their own.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -258,11 +258,11 @@ def test_all_zero_mixture_fails():
         mixture_counts(_cfg(weights={"a": 0.0}), {"a": 10}, {"a": "ner"})
 
 
-def test_tiny_tokenizer_gives_a_word_the_same_tokens_in_the_sentence_and_at_an_answer_line_start():
+def test_words_pre_tokenizer_gives_a_word_the_same_tokens_in_the_sentence_and_at_an_answer_line_start():
     # An NER answer line starts with the word it tags: a GPT-2 pre-tokenizer made " associated" one
     # token in the sentence and "ass|oci|ated" in the answer, so copying a word meant spelling it.
     texts = ["famotidine associated delirium in patients with renal failure ."] * 40
-    tok = _train_tokenizer(texts, 400)
+    tok = _train_tokenizer(texts, 400, "words")  # model.tiny.pre_tokenizer: words
     words = ["famotidine", "associated", "delirium", "renal"]
     sentence = tok(" ".join(words), add_special_tokens=False)["input_ids"]
     answer = tok("".join(f"{w} : O\n" for w in words), add_special_tokens=False)["input_ids"]
@@ -271,3 +271,6 @@ def test_tiny_tokenizer_gives_a_word_the_same_tokens_in_the_sentence_and_at_an_a
         assert len(alone) == 1, (w, tok.convert_ids_to_tokens(alone))  # whole words of the text it learnt
         assert sentence.count(alone[0]) == answer.count(alone[0]) == 1, w
     assert tok.decode(answer) == "".join(f"{w} : O\n" for w in words)  # and text round-trips exactly
+    gpt2 = _train_tokenizer(texts, 400)  # bytelevel (the default): the line-start word is other tokens
+    assert gpt2("associated", add_special_tokens=False)["input_ids"] != \
+        gpt2(" associated", add_special_tokens=False)["input_ids"][-1:]

@@ -38,6 +38,7 @@ LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "po
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRETRAIN_TEXTS = ("inputs", "prompts", "records")
+PRE_TOKENIZERS = ("bytelevel", "words")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
 # What eval.json reports per task (bioray.evaluate.metrics.score_source; a test keeps them equal):
 # eval.score may name any of them as SOURCE/METRIC.
@@ -221,6 +222,8 @@ def validate_model(m: ModelSection) -> None:
     _number("model.tiny.pretrain_lr", t.pretrain_lr, 0, "a positive learning rate", strict=True)
     if t.pretrain_on not in PRETRAIN_TEXTS:
         fail("model.tiny.pretrain_on", " | ".join(PRETRAIN_TEXTS), t.pretrain_on)
+    if t.pre_tokenizer not in PRE_TOKENIZERS:
+        fail("model.tiny.pre_tokenizer", " | ".join(PRE_TOKENIZERS), t.pre_tokenizer)
     if m.revision is not None and (not m.revision.strip() or m.name_or_path == "tiny"):
         fail("model.revision", "null, or a hub branch, tag or commit for a hub model", m.revision)
 
