@@ -62,8 +62,8 @@ def gain(uniform: list[float], searched: list[float]) -> float:
 
 def summary(runs: list[dict], weights: dict[str, float]) -> dict:
     """The benchmark's verdict from its runs (``{"mixture": uniform|searched, "mean": ...}`` each)."""
-    uni = [r["mean"] for r in runs if r["mixture"] == "uniform"]
-    got = [r["mean"] for r in runs if r["mixture"] == "searched"]
+    by = _by_mixture(runs)
+    uni, got = ([r["mean"] for r in by[m]] for m in MIXTURES)
     spread = max(seed_spread(uni), seed_spread(got))
     g = gain(uni, got)
     return {"searched_weights": weights, "uniform_mean": statistics.fmean(uni), "searched_mean": statistics.fmean(got),
@@ -106,8 +106,9 @@ def report_markdown(out: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
-def _by_mixture(out: dict) -> dict[str, list[dict]]:
-    return {m: sorted((r for r in out["runs"] if r["mixture"] == m), key=lambda r: r["seed"]) for m in MIXTURES}
+def _by_mixture(runs: list[dict]) -> dict[str, list[dict]]:
+    """Each mixture's runs, by seed."""
+    return {m: sorted((r for r in runs if r["mixture"] == m), key=lambda r: r["seed"]) for m in MIXTURES}
 
 
 def _score_section(out: dict, config: dict) -> list[str]:
@@ -117,7 +118,7 @@ def _score_section(out: dict, config: dict) -> list[str]:
     refs = {n: {k: v for k, v in (sources.get(n, {}).get("reference") or {}).items() if k != "metric"}
             for n in names}
     ref_cols = list(dict.fromkeys(k for n in names for k in refs[n]))
-    runs = _by_mixture(out)
+    runs = _by_mixture(out["runs"])
     split = next((r["split"] for r in out["runs"] if r.get("split")), "validation")
     metric = "Entity F1" if all(sources.get(n, {}).get("task") == "ner" for n in names) else "F1"
     head = ["source"] + [f"{m} {c}" for m in MIXTURES for c in [*(f"seed {r['seed']}" for r in runs[m]), "mean"]]
@@ -152,7 +153,7 @@ def _ref_mean(values: list) -> str:
 
 
 def _mixture_section(out: dict) -> list[str]:
-    runs = _by_mixture(out)
+    runs = _by_mixture(out["runs"])
     weights = {"uniform": runs["uniform"][0]["weights"] if runs["uniform"] else {},
                "searched": out["searched_weights"]}
     names = list(dict.fromkeys([*weights["uniform"], *weights["searched"]]))
@@ -207,11 +208,12 @@ def _pts(v: float) -> str:
 def _cost_section(out: dict) -> list[str]:
     search = out.get("search") or {}
     wall = out.get("wall_s")
+    runs = _by_mixture(out["runs"])
     lines = ["## The run", "", f"`{out.get('command', 'python benchmarks/mixture_search.py')}`", ""]
     if wall is not None:
         lines.append(f"- Wall time: {wall:,.0f} s ({wall / 3600:.1f} h) for every run and the search; per run: "
                      + ", ".join(f"{r['mixture']} seed {r['seed']} {r['seconds']:,.0f} s"
-                                 for m in MIXTURES for r in _by_mixture(out)[m] if r.get("seconds") is not None)
+                                 for m in MIXTURES for r in runs[m] if r.get("seconds") is not None)
                      + ".")
     if search.get("trials") is not None:
         lines.append(f"- Search: {search['trials']} trials, {search.get('completed')} completed, "

@@ -116,9 +116,14 @@ def local_copy(uri_or_path: str) -> Iterator[Path]:
 
     # Named for its process, so a killed run's download is removed by the next job (bioray.cli).
     with tempfile.TemporaryDirectory(prefix=prefix("bioray-download")) as tmp:
-        dest = Path(tmp) / uri_or_path.rstrip("/").rsplit("/", 1)[-1]
+        dest = Path(tmp) / _folder_name(uri_or_path)
         _download(uri_or_path, dest)
         yield dest
+
+
+def _folder_name(uri: str) -> str:
+    """The last part of a folder's URI (``s3://b/runs/x/`` -> ``x``)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _download(uri: str, dest: Path) -> None:
@@ -241,7 +246,7 @@ def node_copy(path: str, uri: str | None) -> str:
     import shutil
     import uuid
 
-    dest = Path(tempfile.gettempdir()) / "bioray-shared" / uri.rstrip("/").rsplit("/", 1)[-1]
+    dest = Path(tempfile.gettempdir()) / "bioray-shared" / _folder_name(uri)
     if (dest / PUBLISHED).is_file():
         return str(dest)
     staged = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
