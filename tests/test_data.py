@@ -274,3 +274,22 @@ def test_words_pre_tokenizer_gives_a_word_the_same_tokens_in_the_sentence_and_at
     gpt2 = _train_tokenizer(texts, 400)  # bytelevel (the default): the line-start word is other tokens
     assert gpt2("associated", add_special_tokens=False)["input_ids"] != \
         gpt2(" associated", add_special_tokens=False)["input_ids"][-1:]
+
+
+def test_trailing_space_pre_tokenizer_gives_a_word_one_token_in_the_sentence_and_the_answer_with_fewer_tokens():
+    # trailing_space glues the space after a word to it: "associated " in the sentence and at the
+    # start of "associated : O" is the same single token, and the space is not a token of its own.
+    texts = ["famotidine associated delirium in patients with renal failure ."] * 40
+    tok = _train_tokenizer(texts, 400, "trailing_space")  # model.tiny.pre_tokenizer: trailing_space
+    words = ["famotidine", "associated", "delirium", "renal"]
+    sentence = tok(" ".join(words) + " .", add_special_tokens=False)["input_ids"]
+    answer_text = "".join(f"{w} : O\n" for w in words)
+    answer = tok(answer_text, add_special_tokens=False)["input_ids"]
+    for w in words:
+        alone = tok(w + " ", add_special_tokens=False)["input_ids"]
+        assert len(alone) == 1, (w, tok.convert_ids_to_tokens(alone))
+        assert sentence.count(alone[0]) == answer.count(alone[0]) == 1, w
+    assert tok.decode(answer) == answer_text
+    assert len(sentence) == len(words) + 1  # four words and the full stop: no space tokens
+    words_tok = _train_tokenizer(texts, 400, "words")
+    assert len(words_tok(" ".join(words) + " .", add_special_tokens=False)["input_ids"]) > len(sentence)

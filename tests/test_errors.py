@@ -188,7 +188,7 @@ CASES: dict[str, Case] = {
         "bioray: error: config key 'model.tiny.pretrain_on': expected inputs | prompts | records, got 'answers'"),
     "pre-tokenizer": _set(
         "finetune", "a tiny base tokenizer bioray does not know", "model.tiny.pre_tokenizer=sentencepiece",
-        "bioray: error: config key 'model.tiny.pre_tokenizer': expected bytelevel | words, got 'sentencepiece'"),
+        "bioray: error: config key 'model.tiny.pre_tokenizer': expected bytelevel | words | trailing_space, got 'sentencepiece'"),
     "seed": _set(
         "prepare", "a negative seed", "run.seed=-1",
         "bioray: error: config key 'run.seed': expected an integer >= 0, got -1"),

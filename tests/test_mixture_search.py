@@ -1,10 +1,14 @@
-"""benchmarks/mixture_search.py's verdict: gain and seed spread from its runs (seconds, no Ray)."""
+"""benchmarks/mixture_search.py: its verdict (gain and seed spread) from made-up runs (seconds, no Ray),
+and the whole experiment end to end on slices of the real corpora (minutes)."""
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_job
 
 spec = importlib.util.spec_from_file_location("mixture_search", ROOT / "benchmarks" / "mixture_search.py")
 ms = importlib.util.module_from_spec(spec)
@@ -146,3 +150,58 @@ def test_search_plot_has_a_panel_per_source_weight_labelled_for_a_reader():
     rows = [{**r, "weight.a": 0.1 * (i + 1)} for i, r in enumerate(rows)]
     by_task = search_figure(rows, load("configs/quickstart.yaml", ["mixture.by=task", "mixture.weights={}"]))
     assert [ax.get_xlabel() for ax in by_task.axes if ax.axison] == ["lr", "weight of task a"]
+
+
+def _slice_iob(src: Path, dst: Path, sentences: int) -> int:
+    """The first ``sentences`` sentences of an IOB file (blank-line separated); returns how many."""
+    blocks = [b for b in src.read_text().split("\n\n") if b.strip()][:sentences]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("\n\n".join(b.strip("\n") for b in blocks) + "\n\n")
+    return len(blocks)
+
+
+@pytest.mark.e2e
+def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(shared_data, cache_dir, tmp_path):
+    # configs/ner-real.yaml as it is (pretrain_on: inputs, full fine-tuning, scored once at the end,
+    # eval.max_examples: null, constrained decoding), on 40 train / 12 devel sentences of each real
+    # corpus and a model cut to seconds: two seeds of the uniform mixture, the Tune search over the
+    # weights, the best weights retrained with both seeds; the scores mean nothing, the plumbing does.
+    cfg = yaml.safe_load((ROOT / "configs" / "ner-real.yaml").read_text())
+    assert cfg["model"]["tiny"]["pretrain_on"] == "inputs" and cfg["eval"]["max_examples"] is None
+    devel = {}
+    for s in cfg["corpus"]["sources"]:
+        for split, n in (("train", 40), ("validation", 12)):
+            src = Path(s["files"][split].replace("${BIORAY_DATA}", str(shared_data)))
+            dst = tmp_path / "data" / s["name"] / src.name
+            got = _slice_iob(src, dst, n)
+            s["files"][split] = str(dst)
+        devel[s["name"]] = got
+    cfg["model"]["tiny"].update(vocab_size=600, hidden_size=64, num_layers=1, num_heads=2, pretrain_steps=10)
+    cfg["data"].update(max_seq_len=256, cache_dir=str(cache_dir))
+    cfg["train"].update(max_steps=6, report_every=3)
+    cfg["tune"] = {"num_samples": 2, "grace_steps": 3}
+    cfg["run"]["quiet"] = True
+    config = tmp_path / "ner-real-slices.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    work, out_file = tmp_path / "work", tmp_path / "mixture.json"
+    proc = run_job("benchmarks/mixture_search.py", "--config", config, "--out", out_file, "--work", work, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(out_file.read_text())
+    runs = out["runs"]
+    assert [(r["mixture"], r["seed"]) for r in runs] == [("uniform", 0), ("uniform", 1), ("searched", 0), ("searched", 1)]
+    for r in runs:  # every devel sentence of every source scored, by constrained decoding (answers parse)
+        assert {k: v["n"] for k, v in r["eval"].items()} == devel, r["run_dir"]
+        assert all(v["parse_rate"] == 1.0 for v in r["eval"].values())
+        used = yaml.safe_load((Path(r["run_dir"]) / "bioray.yaml").read_text())
+        assert used["model"]["tiny"]["pretrain_on"] == "inputs"  # the base never read an answer
+        result = json.loads((Path(r["run_dir"]) / "result.json").read_text())  # the JSON is each run's own
+        assert {k: v["f1"] for k, v in r["eval"].items()} == {k: v["f1"] for k, v in result["eval"].items()}
+        assert r["mean"] == pytest.approx(sum(v["f1"] for v in r["eval"].values()) / 3)
+    assert out["search"]["trials"] == 2 and set(out["searched_weights"]) == set(devel)
+    assert runs[2]["weights"] == runs[3]["weights"] == out["searched_weights"]
+    uni, got = [r["mean"] for r in runs[:2]], [r["mean"] for r in runs[2:]]  # (the arithmetic on made-up
+    assert out["gain"] == pytest.approx(sum(got) / 2 - sum(uni) / 2)  # runs with scores: the tests above)
+    assert out["seed_spread"] == pytest.approx(max(max(uni) - min(uni), max(got) - min(got)))
+    report = Path(out["report"]).read_text()
+    assert "search.png" in report and (work / "search.png").is_file()
+    assert all(f"seed {s}" in report or f"seed{s}" in report for s in (0, 1)), report[:2000]

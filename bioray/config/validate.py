@@ -38,7 +38,7 @@ LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "po
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRETRAIN_TEXTS = ("inputs", "prompts", "records")
-PRE_TOKENIZERS = ("bytelevel", "words")
+PRE_TOKENIZERS = ("bytelevel", "words", "trailing_space")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
 # What eval.json reports per task (bioray.evaluate.metrics.score_source; a test keeps them equal):
 # eval.score may name any of them as SOURCE/METRIC.
