@@ -6,7 +6,8 @@
 1. The uniform mixture (every source weight 1), trained with each seed: the spread of their mean
    F1 is the noise floor.
 2. A Ray Tune search over the mixture weights only (``jobs/tune.py``: ASHA, every trial the same
-   ``train.max_steps``), learning rate and LoRA rank held at the config's.
+   ``train.max_steps``), learning rate and LoRA rank held at the config's; trials scored at several
+   checkpoints on a slice of the devel split (:func:`search_sets`) so ASHA can stop the weak ones.
 3. The best trial's mixture retrained with each seed.
 
 The JSON holds every run's per-source devel score, the searched weights, the seed spread and the
@@ -246,6 +247,20 @@ def _run(config: str | None, sets: list[str], run_dir: Path, seed: int, mixture:
             "seconds": round(time.time() - start, 1)}
 
 
+def search_sets(cfg, every: int | None = None, examples: int | None = None) -> list[str]:
+    """How the search's trials are scored, where the single runs' scoring would waste the search.
+
+    A run scored once, at its end (``train.checkpoint_every: 0``, configs/ner-real.yaml), gives ASHA
+    one task score per trial, so no trial can be stopped early; and all ten thousand devel sentences
+    cost four minutes a checkpoint. The trials are scored every ``every`` steps (default: the
+    config's checkpoints, else four per run) on ``examples`` records per source (default: the
+    config's ``eval.max_examples``, else 200); the retrained runs keep the config's own scoring.
+    """
+    every = every or cfg.train.checkpoint_every or max(1, cfg.train.max_steps // 4)
+    examples = examples or cfg.eval.max_examples or 200
+    return [f"train.checkpoint_every={every}", f"eval.max_examples={examples}"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -253,6 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--small", action="store_true", help="the quickstart cut to minutes: checks the pieces, not the gain")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--trials", type=int, default=None, help="tune.num_samples (default: the config's)")
+    p.add_argument("--search-every", type=int, default=None,
+                   help="the search's trials are scored every N steps (default: the config's, else 4 per run)")
+    p.add_argument("--search-examples", type=int, default=None,
+                   help="records per source each trial checkpoint is scored on (default: the config's, else 200)")
     p.add_argument("--work", default="runs/mixture-search", help="folder for the runs")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (repeatable)")
     a = p.parse_args(argv)
@@ -267,7 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     runs = [_run(config, sets, work / f"uniform-seed{s}", s, "uniform", {n: 1.0 for n in names}) for s in a.seeds]
     search_dir = work / "search"
-    tune_sets = [*sets, f"run.dir={search_dir}", f"run.seed={a.seeds[0]}", "tune.lr=null", "tune.rank=null",
+    from bioray.config import load
+
+    scoring = search_sets(load(ROOT / (config or "configs/quickstart.yaml"), sets), a.search_every, a.search_examples)
+    tune_sets = [*sets, *scoring, f"run.dir={search_dir}", f"run.seed={a.seeds[0]}", "tune.lr=null", "tune.rank=null",
                  "tune.mixture=true", "tune.scheduler=asha"] + ([f"tune.num_samples={a.trials}"] if a.trials else [])
     _job("tune.py", tune_sets, config)
     best = yaml.safe_load((search_dir / "tune" / "best.yaml").read_text())
@@ -276,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     trials = json.loads((search_dir / "tune" / "result.json").read_text())
     out = {"config": config or "configs/quickstart.yaml", "small": a.small, "sets": sets, "seeds": a.seeds,
            "command": command, "runs": runs,
-           "search": {"dir": str(search_dir / "tune"), **{k: trials.get(k) for k in
+           "search": {"dir": str(search_dir / "tune"), "scoring": scoring, **{k: trials.get(k) for k in
                                                           ("trials", "completed", "stopped_early", "errors", "best")}},
            **summary(runs, weights), "wall_s": round(time.time() - started, 1)}
     write_report(work, out, config_data)

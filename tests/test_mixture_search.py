@@ -184,7 +184,8 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
     config = tmp_path / "ner-real-slices.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     work, out_file = tmp_path / "work", tmp_path / "mixture.json"
-    proc = run_job("benchmarks/mixture_search.py", "--config", config, "--out", out_file, "--work", work, timeout=1200)
+    proc = run_job("benchmarks/mixture_search.py", "--config", config, "--out", out_file, "--work", work,
+                   "--search-every", 3, "--search-examples", 5, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(out_file.read_text())
     runs = out["runs"]
@@ -199,6 +200,13 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
         assert r["mean"] == pytest.approx(sum(v["f1"] for v in r["eval"].values()) / 3)
     assert out["search"]["trials"] == 2 and set(out["searched_weights"]) == set(devel)
     assert runs[2]["weights"] == runs[3]["weights"] == out["searched_weights"]
+    # The trials: scored at two checkpoints on 5 records per source (ASHA has a rung to stop at),
+    # while the retrained runs above scored every devel sentence once.
+    assert out["search"]["scoring"] == ["train.checkpoint_every=3", "eval.max_examples=5"]
+    for trial in (Path(out["search"]["dir"]) / "trials").iterdir():
+        result = json.loads((trial / "result.json").read_text())
+        assert {k: v["n"] for k, v in result["eval"].items()} == {k: 5 for k in devel}, trial
+        assert len(result["checkpoints"]) == 2, trial
     uni, got = [r["mean"] for r in runs[:2]], [r["mean"] for r in runs[2:]]  # (the arithmetic on made-up
     assert out["gain"] == pytest.approx(sum(got) / 2 - sum(uni) / 2)  # runs with scores: the tests above)
     assert out["seed_spread"] == pytest.approx(max(max(uni) - min(uni), max(got) - min(got)))
