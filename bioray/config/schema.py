@@ -100,7 +100,7 @@ class TinyModelSection:
     pretrain_on: str = "inputs"
     """Train-split text pretraining reads: inputs (each record's input text) | prompts (instruction and input laid out by corpus.template) | records (prompt and answer). The tokenizer reads the prompts (the records with records). inputs and prompts never show an answer, so scores measure what fine-tuning taught; with records the base already does the task."""
     pre_tokenizer: str = "bytelevel"
-    """How the tokenizer splits text before BPE: bytelevel (GPT-2's: the space before a word is part of it, so a word at a line's start is other tokens) | words (letters, digits, symbols and white space apart: a word is the same tokens wherever it stands, which NER answers, one word per line, need when the base never saw an answer; 21% more tokens on the real corpora) | trailing_space (as words, with the space after a word part of it: the same property at 28% fewer tokens than words; what configs/ner-real.yaml uses)."""
+    """How the tokenizer splits text before BPE: bytelevel (GPT-2's: the space before a word is part of it, so a word at a line's start is other tokens) | words (letters, digits, symbols and white space apart: a word is the same tokens wherever it stands, which NER answers, one word per line, need when the base never saw an answer; 21% more tokens on the real corpora) | trailing_space (as words, with the space after a word part of it: the same property at 25% fewer tokens than words; what configs/ner-real.yaml uses)."""
     pretrain_steps: int = 500
     """Full-parameter causal-LM steps on the corpus text before LoRA (random bases learn nothing)."""
     pretrain_batch_size: int = 8
