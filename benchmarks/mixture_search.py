@@ -36,6 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from bioray.config import load  # noqa: E402
 from bioray.report import _fmt_ref, _pct  # noqa: E402
 
 SMALL = [  # the quickstart, cut to what a CPU test affords: the pieces, not the finding
@@ -281,14 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = a.config or (None if a.small else "configs/ner-real.yaml")
     sets = (SMALL if a.small else []) + list(a.set)
     work = Path(a.work).resolve()
-    config_data = yaml.safe_load((ROOT / (config or "configs/quickstart.yaml")).read_text())
+    config_path = ROOT / (config or "configs/quickstart.yaml")
+    config_data = yaml.safe_load(config_path.read_text())
     names = [s["name"] for s in config_data["corpus"]["sources"]]
+    scoring = search_sets(load(config_path, sets), a.search_every, a.search_examples)
     started = time.time()
     runs = [_run(config, sets, work / f"uniform-seed{s}", s, "uniform", {n: 1.0 for n in names}) for s in a.seeds]
     search_dir = work / "search"
-    from bioray.config import load
-
-    scoring = search_sets(load(ROOT / (config or "configs/quickstart.yaml"), sets), a.search_every, a.search_examples)
     tune_sets = [*sets, *scoring, f"run.dir={search_dir}", f"run.seed={a.seeds[0]}", "tune.lr=null", "tune.rank=null",
                  "tune.mixture=true", "tune.scheduler=asha"] + ([f"tune.num_samples={a.trials}"] if a.trials else [])
     _job("tune.py", tune_sets, config)

@@ -265,33 +265,33 @@ def _corpus_texts(cfg: Config, corpus_dir: Path, manifest: dict, what: Optional[
     return texts
 
 
+# model.tiny.pre_tokenizer values that split words apart before the byte-level BPE (the regex of
+# each; bytelevel, GPT-2's split, is the other one). A word must be the same tokens wherever it
+# stands: GPT-2's pre-tokenizer glues the space before a word to it (" associated"), so the word at
+# a line's start ("associated : O", an NER answer line) is other tokens (ass|oci|ated), and copying
+# it from the input means learning its spelling: a base that never saw an answer did not, in
+# minutes (answer loss stuck near 2.1, F1 0.00 on real NER; docs/real-data.md).
+WORD_SPLITS = {
+    # Letters, digits, other symbols (with the space before them) and white space apart.
+    "words": r"\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+",
+    # The same with the space after a word glued to it ("associated "): one pre-token in the
+    # sentence and at an answer line's start, and 25% fewer tokens than `words` on the real
+    # corpora. Same base, same 900 steps on real NER: F1 0.00 with `words`, 0.57 with this.
+    "trailing_space": r"\p{L}+ ?|\p{N}+ ?|[^\s\p{L}\p{N}]+ ?|\s+",
+}
+
+
 def _train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: str = "bytelevel"):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    if pre_tokenizer == "words":
-        # A word is the same tokens wherever it stands. GPT-2's pre-tokenizer glues the space before
-        # a word to it (" associated"), so the word at a line's start ("associated : O", an NER
-        # answer line) is other tokens (ass|oci|ated), and copying it from the input means learning
-        # its spelling: a base that never saw an answer did not, in minutes (answer loss stuck near
-        # 2.1, F1 0.00 on real NER; docs/real-data.md). Letters, digits, other symbols (with the
-        # space before them) and white space are pre-tokens of their own.
+    if pre_tokenizer in WORD_SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(WORD_SPLITS[pre_tokenizer]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    elif pre_tokenizer == "trailing_space":
-        # The same, with the space after a word glued to it ("associated "): a word followed by a
-        # space is one pre-token in the sentence and at an answer line's start ("associated : O"),
-        # and the 21% extra tokens of `words` go (25% fewer tokens than `words` on the real
-        # corpora). Same base, same 900 steps on real NER: F1 0.00 with `words`, 0.57 with
-        # trailing_space (docs/real-data.md).
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"\p{L}+ ?|\p{N}+ ?|[^\s\p{L}\p{N}]+ ?|\s+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    else:
+    else:  # bytelevel: GPT-2's split
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
