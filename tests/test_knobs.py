@@ -110,3 +110,34 @@ def test_attn_implementation_reaches_the_model(tmp_path):
     d = to_dict(Config())
     d["model"]["attn_implementation"] = "eager"
     assert load_base(str(tmp_path / "m"), from_dict(d)).config._attn_implementation == "eager"
+
+
+def test_asha_rungs_compare_scores_made_at_the_same_step():
+    """Scores reach Tune a few reports after their checkpoint; a rung must not judge a trial by an older one.
+
+    The real-NER search (docs/benchmarks.md): at the step-600 report trial a still carried its
+    step-300 score (0.31), trial b its own (0.405), and b was kept although its step-600 score
+    (0.41) was far below a's (0.55).
+    """
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from bioray.tune import _scheduler
+
+    d = to_dict(_cfg(max_steps=1200))
+    d["train"]["checkpoint_every"], d["tune"]["scheduler"] = 300, "asha"
+    asha = _scheduler(from_dict(d))
+    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    for t in (a, b):
+        asha.on_trial_add(None, t)
+
+    def report(trial, step, score=None, scored_at=None):
+        result = {"step": step} if score is None else {"step": step, "latest_score": score, "latest_score_step": scored_at}
+        return asha.on_trial_result(None, trial, result)
+
+    assert report(a, 20) == TrialScheduler.CONTINUE  # no score yet: nothing to judge
+    assert report(a, 600, 0.31, 300) == TrialScheduler.CONTINUE
+    assert report(a, 640, 0.55, 600) == TrialScheduler.CONTINUE  # a's step-600 score sets the rung
+    assert report(b, 600, 0.405, 300) == TrialScheduler.CONTINUE  # an older score: not the rung's
+    assert report(b, 640, 0.41, 600) == TrialScheduler.STOP  # 0.41 at step 600 against 0.55
