@@ -173,11 +173,10 @@ def _scheduler(cfg: Config):
     t = cfg.train
     grace = cfg.tune.grace_steps or max(1, 2 * (t.checkpoint_every or t.max_steps))
     # Rungs count in the step each score was made at (latest_score_step), not the step of the report
-    # that carries it: a checkpoint's score arrives a few reports late, and on the training step
-    # the rung at step 600 compared each trial's step-300 score (seen on real NER: a trial scoring
-    # 41.0 at step 600 was kept over one at 55.0, which had reported 31.0 then). max_t above the
-    # last step: ASHA stops a trial once it reaches max_t, and the trial's final report (its best
-    # score) comes at max_steps.
+    # that carries it: a checkpoint's score arrives a few reports late, so on the training step a
+    # rung compares scores one checkpoint old (docs/tuning.md). max_t above the last step: ASHA
+    # stops a trial once it reaches max_t, and the trial's final report (its best score) comes at
+    # max_steps.
     return ASHAScheduler(time_attr="latest_score_step", metric="latest_score", mode="max", max_t=t.max_steps + 1,
                          grace_period=min(grace, t.max_steps), reduction_factor=cfg.tune.reduction_factor)
 
