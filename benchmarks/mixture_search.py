@@ -248,6 +248,13 @@ def _run(config: str | None, sets: list[str], run_dir: Path, seed: int, mixture:
             "seconds": round(time.time() - start, 1)}
 
 
+def _progress(path: str, head: dict, runs: list[dict], started: float) -> None:
+    """``--out`` after each stage, marked ``"complete": false``: a benchmark cut short keeps what it measured."""
+    partial = {**head, "runs": runs, "wall_s": round(time.time() - started, 1), "complete": False}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(partial, indent=2) + "\n")
+
+
 def search_sets(cfg, every: int | None = None, examples: int | None = None) -> list[str]:
     """How the search's trials are scored, where the single runs' scoring would waste the search.
 
@@ -287,20 +294,27 @@ def main(argv: list[str] | None = None) -> dict:
     names = [s["name"] for s in config_data["corpus"]["sources"]]
     scoring = search_sets(load(config_path, sets), a.search_every, a.search_examples)
     started = time.time()
-    runs = [_run(config, sets, work / f"uniform-seed{s}", s, "uniform", {n: 1.0 for n in names}) for s in a.seeds]
+    head = {"config": config or "configs/quickstart.yaml", "small": a.small, "sets": sets, "seeds": a.seeds,
+            "command": command}
+    runs: list[dict] = []
+    for s in a.seeds:
+        runs.append(_run(config, sets, work / f"uniform-seed{s}", s, "uniform", {n: 1.0 for n in names}))
+        _progress(a.out, head, runs, started)
     search_dir = work / "search"
     tune_sets = [*sets, *scoring, f"run.dir={search_dir}", f"run.seed={a.seeds[0]}", "tune.lr=null", "tune.rank=null",
                  "tune.mixture=true", "tune.scheduler=asha"] + ([f"tune.num_samples={a.trials}"] if a.trials else [])
     _job("tune.py", tune_sets, config)
     best = yaml.safe_load((search_dir / "tune" / "best.yaml").read_text())
     weights = {n: float(best["mixture"]["weights"].get(n, 1.0)) for n in names}
-    runs += [_run(config, sets, work / f"searched-seed{s}", s, "searched", weights) for s in a.seeds]
     trials = json.loads((search_dir / "tune" / "result.json").read_text())
-    out = {"config": config or "configs/quickstart.yaml", "small": a.small, "sets": sets, "seeds": a.seeds,
-           "command": command, "runs": runs,
-           "search": {"dir": str(search_dir / "tune"), "scoring": scoring, **{k: trials.get(k) for k in
-                                                          ("trials", "completed", "stopped_early", "errors", "best")}},
-           **summary(runs, weights), "wall_s": round(time.time() - started, 1)}
+    head["searched_weights"] = weights
+    head["search"] = {"dir": str(search_dir / "tune"), "scoring": scoring,
+                      **{k: trials.get(k) for k in ("trials", "completed", "stopped_early", "errors", "best")}}
+    _progress(a.out, head, runs, started)
+    for s in a.seeds:
+        runs.append(_run(config, sets, work / f"searched-seed{s}", s, "searched", weights))
+        _progress(a.out, head, runs, started)
+    out = {**head, "runs": runs, **summary(runs, weights), "wall_s": round(time.time() - started, 1), "complete": True}
     write_report(work, out, config_data)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -41,6 +41,19 @@ def test_a_gain_inside_the_seed_spread_is_not_a_finding():
     assert ms.seed_spread([0.3]) == 0.0 and ms.gain([0.5], [0.49]) == pytest.approx(-0.01)
 
 
+def test_each_stage_rewrites_out_marked_incomplete_so_a_cut_run_keeps_what_it_measured(tmp_path):
+    # The real benchmark runs ~2.5 hours: one stopped before its last run must still leave the
+    # runs it finished in --out, and say that it is not the verdict.
+    out, started = tmp_path / "sub" / "m.json", __import__("time").time()
+    head = {"config": "c.yaml", "seeds": [0, 1]}
+    ms._progress(str(out), head, [_run("uniform", 0, [0.4])], started)
+    first = json.loads(out.read_text())
+    assert first["complete"] is False and [r["seed"] for r in first["runs"]] == [0] and first["config"] == "c.yaml"
+    ms._progress(str(out), head, [_run("uniform", 0, [0.4]), _run("uniform", 1, [0.5])], started)
+    assert [r["mean"] for r in json.loads(out.read_text())["runs"]] == pytest.approx([0.4, 0.5])
+    assert "gain" not in first and first["wall_s"] >= 0
+
+
 # ---------------------------------------------------------------------------- report.md
 
 CONFIG = {"corpus": {"sources": [  # references made up: the report must print these, not the paper's
@@ -189,6 +202,7 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(out_file.read_text())
     runs = out["runs"]
+    assert out["complete"] is True
     assert [(r["mixture"], r["seed"]) for r in runs] == [("uniform", 0), ("uniform", 1), ("searched", 0), ("searched", 1)]
     for r in runs:  # every devel sentence of every source scored, by constrained decoding (answers parse)
         assert {k: v["n"] for k, v in r["eval"].items()} == devel, r["run_dir"]
