@@ -250,9 +250,12 @@ def _run(config: str | None, sets: list[str], run_dir: Path, seed: int, mixture:
 
 def _progress(path: str, head: dict, runs: list[dict], started: float) -> None:
     """``--out`` after each stage, marked ``"complete": false``: a benchmark cut short keeps what it measured."""
-    partial = {**head, "runs": runs, "wall_s": round(time.time() - started, 1), "complete": False}
+    _write_json(path, {**head, "runs": runs, "wall_s": round(time.time() - started, 1), "complete": False})
+
+
+def _write_json(path: str, data: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(partial, indent=2) + "\n")
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def search_sets(cfg, every: int | None = None, examples: int | None = None) -> list[str]:
@@ -297,9 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
     head = {"config": config or "configs/quickstart.yaml", "small": a.small, "sets": sets, "seeds": a.seeds,
             "command": command}
     runs: list[dict] = []
-    for s in a.seeds:
-        runs.append(_run(config, sets, work / f"uniform-seed{s}", s, "uniform", {n: 1.0 for n in names}))
-        _progress(a.out, head, runs, started)
+
+    def train_every_seed(mixture: str, weights: dict[str, float]) -> None:
+        for s in a.seeds:
+            runs.append(_run(config, sets, work / f"{mixture}-seed{s}", s, mixture, weights))
+            _progress(a.out, head, runs, started)
+
+    train_every_seed("uniform", {n: 1.0 for n in names})
     search_dir = work / "search"
     tune_sets = [*sets, *scoring, f"run.dir={search_dir}", f"run.seed={a.seeds[0]}", "tune.lr=null", "tune.rank=null",
                  "tune.mixture=true", "tune.scheduler=asha"] + ([f"tune.num_samples={a.trials}"] if a.trials else [])
@@ -311,13 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
     head["search"] = {"dir": str(search_dir / "tune"), "scoring": scoring,
                       **{k: trials.get(k) for k in ("trials", "completed", "stopped_early", "errors", "best")}}
     _progress(a.out, head, runs, started)
-    for s in a.seeds:
-        runs.append(_run(config, sets, work / f"searched-seed{s}", s, "searched", weights))
-        _progress(a.out, head, runs, started)
+    train_every_seed("searched", weights)
     out = {**head, "runs": runs, **summary(runs, weights), "wall_s": round(time.time() - started, 1), "complete": True}
     write_report(work, out, config_data)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    _write_json(a.out, out)
     print(json.dumps({k: out[k] for k in ("uniform_mean", "searched_mean", "gain", "seed_spread", "searched_weights",
                                           "wall_s", "report")}, indent=2))
     return out

@@ -3,6 +3,7 @@ and the whole experiment end to end on slices of the real corpora (minutes)."""
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_a_gain_inside_the_seed_spread_is_not_a_finding():
 def test_each_stage_rewrites_out_marked_incomplete_so_a_cut_run_keeps_what_it_measured(tmp_path):
     # The real benchmark runs ~2.5 hours: one stopped before its last run must still leave the
     # runs it finished in --out, and say that it is not the verdict.
-    out, started = tmp_path / "sub" / "m.json", __import__("time").time()
+    out, started = tmp_path / "sub" / "m.json", time.time()
     head = {"config": "c.yaml", "seeds": [0, 1]}
     ms._progress(str(out), head, [_run("uniform", 0, [0.4])], started)
     first = json.loads(out.read_text())
