@@ -169,17 +169,31 @@ def add_lora(model, cfg: Config):
     """Wraps ``model`` with a peft LoRA adapter described by ``cfg.lora``."""
     from peft import LoraConfig, get_peft_model
 
+    save = list(cfg.lora.modules_to_save)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [m for m in save if m not in names]
+    if unknown:  # peft would train nothing and say nothing
+        raise ConfigError(f"config key 'lora.modules_to_save': the model has no module named {unknown[0]!r} "
+                          f"(the embedding is {type(model.get_input_embeddings()).__name__} "
+                          f"{_module_name(model, model.get_input_embeddings())!r})")
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
+        modules_to_save=save or None,
+        # A tied head (the tiny base's lm_head is its embedding) must stay the trained embedding.
+        ensure_weight_tying=bool(save) and bool(getattr(model.config, "tie_word_embeddings", False)),
         task_type="CAUSAL_LM",
     )
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # peft names the modules it could not find
         raise ConfigError(f"config key 'lora.target_modules': {e}".splitlines()[0]) from None
+
+
+def _module_name(model, module) -> str:
+    return next((name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module), "?")
 
 
 # ---------------------------------------------------------------------------- tiny model

@@ -203,6 +203,8 @@ class LoraSection:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Module names that get adapters."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained whole beside the adapters and saved in the checkpoint's adapter file (peft's modules_to_save), e.g. [embed_tokens]: the embedding of a base that never saw the answers' tokens (a tiny base pretrained on the inputs only, or new special tokens), which LoRA on the linear layers cannot move. A tied output head is trained with it."""
 
 
 @dataclass
