@@ -97,6 +97,11 @@ def is_full(directory: str | Path) -> bool:
     return (d / "config.json").is_file() and not (d / "adapter_config.json").is_file()
 
 
+def saves_modules(directory: str | Path) -> bool:
+    """Whether an adapter checkpoint also holds modules trained whole (``lora.modules_to_save``)."""
+    return bool(_read_json(Path(directory) / "adapter_config.json").get("modules_to_save"))
+
+
 def checkpoint_base(directory: str | Path) -> str:
     """The base model a checkpoint was trained from, after checking the folder is complete.
 

@@ -170,12 +170,12 @@ def add_lora(model, cfg: Config):
     from peft import LoraConfig, get_peft_model
 
     save = list(cfg.lora.modules_to_save)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    unknown = [m for m in save if m not in names]
+    modules = dict(model.named_modules())
+    unknown = [m for m in save if m not in {name.rsplit(".", 1)[-1] for name in modules}]
     if unknown:  # peft would train nothing and say nothing
+        embedding = next(name.rsplit(".", 1)[-1] for name, m in modules.items() if m is model.get_input_embeddings())
         raise ConfigError(f"config key 'lora.modules_to_save': the model has no module named {unknown[0]!r} "
-                          f"(the embedding is {type(model.get_input_embeddings()).__name__} "
-                          f"{_module_name(model, model.get_input_embeddings())!r})")
+                          f"(the embedding is {type(model.get_input_embeddings()).__name__} {embedding!r})")
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -190,10 +190,6 @@ def add_lora(model, cfg: Config):
         return get_peft_model(model, lora)
     except ValueError as e:  # peft names the modules it could not find
         raise ConfigError(f"config key 'lora.target_modules': {e}".splitlines()[0]) from None
-
-
-def _module_name(model, module) -> str:
-    return next((name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module), "?")
 
 
 # ---------------------------------------------------------------------------- tiny model

@@ -9,11 +9,11 @@ from bioray.errors import ConfigError
 from bioray.model import add_lora
 
 
-def _llama(tied: bool = True):
+def _llama(tied: bool = True, vocab_size: int = 50):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                                         tie_word_embeddings=tied))
 
@@ -88,12 +88,9 @@ def test_the_scorer_swaps_such_adapters_without_keeping_the_previous_ones_weight
     tok = _train_tokenizer(["the patient has asthma", "no signs of cancer were found"] * 20, 300)
     cfg = load(None, ["lora.modules_to_save=[embed_tokens]"])
     base = tmp_path / "base"
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=True)).save_pretrained(base)
+    _llama(vocab_size=len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
     ckpts = []
     for k in range(2):

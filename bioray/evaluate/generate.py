@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from bioray.config import Config
-from bioray.checkpoint import check_base, is_full
+from bioray.checkpoint import check_base, is_full, saves_modules
 from bioray.corpus import PromptFormat
 
 log = logging.getLogger("bioray")
@@ -32,7 +31,6 @@ class Generator:
         self.base = load_base(self.load_from, cfg, dtype=self.dtype).to(device).eval()
         self.model = self.base
         self._adapter: str | None = None
-        self._whole = False  # whether the adapter in use trains modules whole (lora.modules_to_save)
         self._n = 0
 
     def use(self, checkpoint_dir: str | Path) -> None:
@@ -53,15 +51,15 @@ class Generator:
             self.model = self.base = self._adapter = None  # free the previous weights first
             self.model = load_base(str(checkpoint_dir), self.cfg, dtype=self.dtype).to(self.device).eval()
             return
-        whole = _saves_modules(checkpoint_dir)
-        if self.base is None or (self._adapter is not None and (whole or self._whole)):
+        swap_unsafe = self._adapter is not None and (
+            saves_modules(checkpoint_dir) or bool(self.model.peft_config[self._adapter].modules_to_save))
+        if self.base is None or swap_unsafe:
             # The previous checkpoint was full weights, or an adapter with modules trained whole
             # (lora.modules_to_save): peft's adapter swap kept the previous modules' weights there
             # (every answer scored 0), so such adapters go onto a freshly loaded base.
             self.model = self.base = self._adapter = None
             self.base = load_base(self.load_from, self.cfg, dtype=self.dtype).to(self.device).eval()
             self.model = self.base
-        self._whole = whole
         name = f"ckpt{self._n}"
         self._n += 1
         if self._adapter is None:
@@ -162,12 +160,6 @@ class Generator:
             for k, answer in zip(ks, free):
                 out[k] = answer
         return out
-
-
-def _saves_modules(checkpoint_dir: str | Path) -> bool:
-    """Whether an adapter checkpoint holds modules trained whole (``lora.modules_to_save``)."""
-    config = Path(checkpoint_dir) / "adapter_config.json"
-    return bool(json.loads(config.read_text()).get("modules_to_save"))
 
 
 def _check_canonical(tokenizer, walkers, end: int) -> None:
