@@ -1,5 +1,6 @@
 """Shared fixtures: the project root, the real data folder, and one local Ray per session."""
 
+import json
 import os
 import socket
 import subprocess
@@ -162,6 +163,28 @@ def kill_leftovers(marker: str) -> None:
             pass
 
 
+_MARK = "@@bioray-test@@ "
+
+
+def ask_cluster(env: dict, expr: str, address: str | None = None):
+    """The JSON value of ``expr`` evaluated in a fresh driver of a private cluster, read from its marked
+    line: the driver's stdout also carries what Ray prints for it (autoscaler events such as
+    "(autoscaler +0s) Removing 1 nodes"), so its last line is not necessarily ``expr``'s."""
+    init = f"ray.init(address={address!r}, logging_level='ERROR')" if address else "ray.init(logging_level='ERROR')"
+    code = f"import json, os, ray; {init}; print({_MARK!r} + json.dumps({expr}), flush=True)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [x[len(_MARK):] for x in out.stdout.splitlines() if x.startswith(_MARK)]
+    assert len(lines) == 1, out.stdout[-3000:]
+    return json.loads(lines[0])
+
+
+def cluster_nodes(address: str, env: dict) -> list[dict]:
+    """Each node Ray knows of (dead ones too): ``{"alive": bool, "cpu": float}``."""
+    return ask_cluster(env, "[{'alive': n['Alive'], 'cpu': n['Resources'].get('CPU', 0)} for n in ray.nodes()]",
+                       address)
+
+
 BUCKET = "bioray-test"
 
 
@@ -203,9 +226,10 @@ def s3(tmp_path_factory):
 def stop_ray(procs: list, base: Path, logs: list = ()) -> None:
     """Stops private ``ray start --block`` processes and everything they started, then removes ``base``.
 
-    SIGTERM first (``--block``: each stops what it started; a graceful stop can take half a minute), then
-    the process groups, then any process of ours that names ``base`` (job drivers run in sessions of
-    their own, outside the groups).
+    SIGTERM first (``--block``: each stops what it started), 5 s for that, then the process groups, then any
+    process of ours that names ``base`` (job drivers run in sessions of their own, outside the groups). A
+    graceful stop can take half a minute; a test's private Ray holds nothing worth the wait (teardowns
+    took 15 s each with 15 s given).
     """
     import shutil
     import signal
@@ -214,7 +238,7 @@ def stop_ray(procs: list, base: Path, logs: list = ()) -> None:
         p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
-            p.wait(15)
+            p.wait(5)
         except subprocess.TimeoutExpired:
             pass
         try:

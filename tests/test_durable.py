@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_ports, ray_cli, rescore, stop_ray
+from conftest import ROOT, ask_cluster, cluster_nodes, free_ports, ray_cli, rescore, stop_ray
 
 pytestmark = pytest.mark.e2e
 
@@ -71,16 +71,15 @@ def two_nodes(s3, cache_dir):
 
 
 def _wait_for_nodes(gcs: int, n: int, procs, base: Path, env: dict, timeout: float = 120) -> None:
-    code = ("import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))" % gcs)
     deadline = time.time() + timeout
     while time.time() < deadline:
         for p in procs:
             assert p.poll() is None, (base / "head.log").read_text()[-3000:] + (base / "node2.log").read_text()[-3000:]
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                             env=env)
-        if out.returncode == 0 and out.stdout.strip() == str(n):
-            return
+        try:
+            if sum(n["alive"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env)) == n:
+                return
+        except AssertionError:
+            pass  # the head is still starting
         time.sleep(2)
     raise AssertionError(f"the cluster did not reach {n} nodes in {timeout} s")
 
@@ -110,12 +109,9 @@ def test_a_two_node_run_on_a_bucket_survives_a_killed_worker(two_nodes, tmp_path
     env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["address"]}
     # Where a task that asks for a CPU runs (node 2, the only node with CPUs), the driver's files are not there.
     (driver / "probe.txt").write_text("the driver's disk")
-    probe = subprocess.run([sys.executable, "-c", (
-        "import os, ray; ray.init(logging_level='ERROR'); print(ray.get(ray.remote(num_cpus=1)(lambda: "
-        f"os.path.exists({str(driver / 'probe.txt')!r}) or os.listdir({str(cache_dir)!r}) != []).remote()))")],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    assert probe.stdout.strip().splitlines()[-1] == str(not two_nodes["hidden"])
+    sees = ask_cluster(env, "ray.get(ray.remote(num_cpus=1)(lambda: "
+                       f"os.path.exists({str(driver / 'probe.txt')!r}) or os.listdir({str(cache_dir)!r}) != []).remote())")
+    assert sees == (not two_nodes["hidden"])
     proc = subprocess.Popen(args, cwd=driver, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -174,14 +170,6 @@ def _fake_cluster_config(gcs: int) -> dict:
     }
 
 
-def _nodes(gcs: int, env: dict) -> list[dict]:
-    code = ("import json, ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
-            "print(json.dumps([{'alive': n['Alive'], 'cpu': n['Resources'].get('CPU', 0)} for n in ray.nodes()]))" % gcs)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_an_autoscaling_cluster_adds_nodes_for_the_job_and_removes_them_when_idle(tmp_path, cache_dir):
     base = Path(tempfile.mkdtemp(prefix="brauto-", dir="/tmp"))
     (gcs,) = free_ports(1)
@@ -200,7 +188,7 @@ def test_an_autoscaling_cluster_adds_nodes_for_the_job_and_removes_them_when_idl
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_nodes(gcs, 1, [head], base, env)
-        assert [n["cpu"] for n in _nodes(gcs, env)] == [0]  # nothing but the CPU-less head yet
+        assert [n["cpu"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env)] == [0]  # nothing but the CPU-less head yet
         run_dir = tmp_path / "run"
         job = subprocess.run(
             [sys.executable, "jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
@@ -210,11 +198,11 @@ def test_an_autoscaling_cluster_adds_nodes_for_the_job_and_removes_them_when_idl
         result = json.loads((run_dir / "result.json").read_text())
         assert result["train"]["steps"] == 10 and result["score"] is not None
         # Worker nodes were launched for the training workers and the scorer (the head has no CPU).
-        added = [n for n in _nodes(gcs, env) if n["cpu"] > 0]
+        added = [n for n in cluster_nodes(f"127.0.0.1:{gcs}", env) if n["cpu"] > 0]
         assert len(added) >= 1, added
         # And they go once idle.
         deadline = time.time() + 180
-        while any(n["alive"] for n in _nodes(gcs, env) if n["cpu"] > 0):
+        while any(n["alive"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env) if n["cpu"] > 0):
             assert time.time() < deadline, "idle worker nodes were not removed in 3 minutes"
             time.sleep(5)
     finally:

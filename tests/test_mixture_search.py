@@ -178,8 +178,9 @@ def _slice_iob(src: Path, dst: Path, sentences: int) -> int:
 def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(shared_data, cache_dir, tmp_path):
     # configs/ner-real.yaml as it is (pretrain_on: inputs, full fine-tuning, scored once at the end,
     # eval.max_examples: null, constrained decoding), on 40 train / 12 devel sentences of each real
-    # corpus and a model cut to seconds: two seeds of the uniform mixture, the Tune search over the
-    # weights, the best weights retrained with both seeds; the scores mean nothing, the plumbing does.
+    # corpus and a model cut to seconds: the uniform mixture, the Tune search over the weights, the best
+    # weights retrained; the scores mean nothing, the plumbing does. One seed (three jobs, not five):
+    # averaging over seeds and the spread are the arithmetic the tests above check.
     cfg = yaml.safe_load((ROOT / "configs" / "ner-real.yaml").read_text())
     assert cfg["model"]["tiny"]["pretrain_on"] == "inputs" and cfg["eval"]["max_examples"] is None
     devel = {}
@@ -199,12 +200,12 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     work, out_file = tmp_path / "work", tmp_path / "mixture.json"
     proc = run_job("benchmarks/mixture_search.py", "--config", config, "--out", out_file, "--work", work,
-                   "--search-every", 3, "--search-examples", 5, timeout=1200)
+                   "--search-every", 3, "--search-examples", 5, "--seeds", 0, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(out_file.read_text())
     runs = out["runs"]
     assert out["complete"] is True
-    assert [(r["mixture"], r["seed"]) for r in runs] == [("uniform", 0), ("uniform", 1), ("searched", 0), ("searched", 1)]
+    assert [(r["mixture"], r["seed"]) for r in runs] == [("uniform", 0), ("searched", 0)]
     for r in runs:  # every devel sentence of every source scored, by constrained decoding (answers parse)
         assert {k: v["n"] for k, v in r["eval"].items()} == devel, r["run_dir"]
         assert all(v["parse_rate"] == 1.0 for v in r["eval"].values())
@@ -214,7 +215,7 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
         assert {k: v["f1"] for k, v in r["eval"].items()} == {k: v["f1"] for k, v in result["eval"].items()}
         assert r["mean"] == pytest.approx(sum(v["f1"] for v in r["eval"].values()) / 3)
     assert out["search"]["trials"] == 2 and set(out["searched_weights"]) == set(devel)
-    assert runs[2]["weights"] == runs[3]["weights"] == out["searched_weights"]
+    assert runs[1]["weights"] == out["searched_weights"]
     # The trials: scored at two checkpoints on 5 records per source (ASHA has a rung to stop at),
     # while the retrained runs above scored every devel sentence once.
     assert out["search"]["scoring"] == ["train.checkpoint_every=3", "eval.max_examples=5"]
@@ -222,9 +223,7 @@ def test_the_real_data_experiment_runs_end_to_end_on_slices_of_the_corpora(share
         result = json.loads((trial / "result.json").read_text())
         assert {k: v["n"] for k, v in result["eval"].items()} == {k: 5 for k in devel}, trial
         assert len(result["checkpoints"]) == 2, trial
-    uni, got = [r["mean"] for r in runs[:2]], [r["mean"] for r in runs[2:]]  # (the arithmetic on made-up
-    assert out["gain"] == pytest.approx(sum(got) / 2 - sum(uni) / 2)  # runs with scores: the tests above)
-    assert out["seed_spread"] == pytest.approx(max(max(uni) - min(uni), max(got) - min(got)))
+    assert out["gain"] == pytest.approx(runs[1]["mean"] - runs[0]["mean"]) and out["seed_spread"] == 0
     report = Path(out["report"]).read_text()
     assert "search.png" in report and (work / "search.png").is_file()
-    assert all(f"seed {s}" in report or f"seed{s}" in report for s in (0, 1)), report[:2000]
+    assert "seed 0" in report or "seed0" in report, report[:2000]

@@ -1,6 +1,6 @@
 """A run survives what a cloud cluster does to it: a killed worker, a killed driver, a changed config.
 
-Three short runs of the quickstart (40 steps, a checkpoint every 10) with one seed: one left
+Three short runs of the quickstart (30 steps, a checkpoint every 10) with one seed: one left
 alone, one whose training worker is SIGKILLed after the step-10 checkpoint (Ray Train restarts
 the worker group, ``train.max_failures``), one whose whole driver, Ray cluster included, is
 SIGKILLed and then started again with the same command. The interrupted runs must end exactly
@@ -21,7 +21,7 @@ from conftest import ROOT, run_job
 
 pytestmark = pytest.mark.e2e
 
-STEPS, EVERY = 40, 10
+STEPS, EVERY = 30, 10
 SETTINGS = [f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.report_every=5",
             "train.keep_checkpoints=4", "eval.max_examples=8"]
 
@@ -68,7 +68,7 @@ def _adapter(run_dir, step):
 def _assert_same_run(run_dir, reference):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["train"]["steps"] == STEPS
-    # No checkpoint lost or half-written: all four, each complete with its resume state.
+    # No checkpoint lost or half-written: all three, each complete with its resume state.
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert names == [f"step-{s:06d}" for s in range(EVERY, STEPS + 1, EVERY)]
     for name in names:
@@ -150,7 +150,7 @@ def test_a_corrupted_checkpoint_is_refused_and_resume_falls_back(undisturbed, tm
         (line,) = proc.stderr.strip().splitlines()
         assert f"{weights}: checksum mismatch" in line
     assert not (tmp_path / "out").exists()
-    # Resuming the run from it falls back to step 30, trains the last 10 steps again, and ends where
+    # Resuming the run from it falls back to step 20, trains the last 10 steps again, and ends where
     # the undisturbed run did.
     proc = run_job("jobs/finetune.py", *_args(run_dir, cache_dir))
     assert proc.returncode == 0, proc.stderr[-5000:]
