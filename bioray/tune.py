@@ -338,7 +338,9 @@ def search_figure(rows: list[dict], cfg: Config):
         ax.axis("off")
     if params:
         axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.run.dir}: {len(rows)} trials (score: best checkpoint; stopped trials: latest)")
+    # The search's name, not its folder: an absolute path says where it ran, not what it was.
+    name = cfg.run.name or Path(cfg.run.dir).name
+    fig.suptitle(f"{name}: {len(rows)} trials (score: best checkpoint; stopped trials: latest)")
     fig.tight_layout()
     return fig
 

@@ -156,8 +156,9 @@ def test_search_plot_has_a_panel_per_source_weight_labelled_for_a_reader():
     rows = [{"trial": f"t{i}", "state": state, "score": 0.5 + i / 10, "steps": 24, "lr": 1e-3, "rank": 8,
              "weight.a": a, "weight.b": round(1 - a, 2), "dir": f"/d/t{i}"}
             for i, (state, a) in enumerate([("completed", 0.3), ("stopped early", 0.6), ("completed", 0.5)])]
-    fig = search_figure(rows, load("configs/quickstart.yaml"))
+    fig = search_figure(rows, load("configs/quickstart.yaml", ["run.dir=/home/someone/runs/mix-search"]))
     assert [ax.get_xlabel() for ax in fig.axes if ax.axison] == ["weight of a", "weight of b"]  # lr, rank fixed
+    assert fig._suptitle.get_text() == "mix-search: 3 trials (score: best checkpoint; stopped trials: latest)"
     rows = [{**r, "lr": 1e-3 * (i + 1), "weight.a": 0.5, "weight.b": 0.5} for i, r in enumerate(rows)]
     fig = search_figure(rows, load("configs/quickstart.yaml"))
     assert [ax.get_xlabel() for ax in fig.axes if ax.axison] == ["lr"] and fig.axes[0].get_xscale() == "log"
