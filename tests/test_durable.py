@@ -76,7 +76,7 @@ def _wait_for_nodes(gcs: int, n: int, procs, base: Path, env: dict, timeout: flo
         for p in procs:
             assert p.poll() is None, (base / "head.log").read_text()[-3000:] + (base / "node2.log").read_text()[-3000:]
         try:
-            if sum(n["alive"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env)) == n:
+            if sum(node["alive"] for node in cluster_nodes(f"127.0.0.1:{gcs}", env)) == n:
                 return
         except AssertionError:
             pass  # the head is still starting
@@ -188,21 +188,22 @@ def test_an_autoscaling_cluster_adds_nodes_for_the_job_and_removes_them_when_idl
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_nodes(gcs, 1, [head], base, env)
-        assert [n["cpu"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env)] == [0]  # nothing but the CPU-less head yet
+        address = f"127.0.0.1:{gcs}"
+        assert [n["cpu"] for n in cluster_nodes(address, env)] == [0]  # nothing but the CPU-less head yet
         run_dir = tmp_path / "run"
         job = subprocess.run(
             [sys.executable, "jobs/finetune.py", "--set", f"run.dir={run_dir}", "--set", f"data.cache_dir={cache_dir}",
              "--set", "train.max_steps=10", "--set", "train.checkpoint_every=10", "--set", "eval.max_examples=8"],
-            cwd=ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True, timeout=1200)
+            cwd=ROOT, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=1200)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-5000:]
         result = json.loads((run_dir / "result.json").read_text())
         assert result["train"]["steps"] == 10 and result["score"] is not None
         # Worker nodes were launched for the training workers and the scorer (the head has no CPU).
-        added = [n for n in cluster_nodes(f"127.0.0.1:{gcs}", env) if n["cpu"] > 0]
+        added = [n for n in cluster_nodes(address, env) if n["cpu"] > 0]
         assert len(added) >= 1, added
         # And they go once idle.
         deadline = time.time() + 180
-        while any(n["alive"] for n in cluster_nodes(f"127.0.0.1:{gcs}", env) if n["cpu"] > 0):
+        while any(n["alive"] for n in cluster_nodes(address, env) if n["cpu"] > 0):
             assert time.time() < deadline, "idle worker nodes were not removed in 3 minutes"
             time.sleep(5)
     finally:

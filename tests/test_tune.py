@@ -21,8 +21,8 @@ pytestmark = pytest.mark.e2e
 
 # Learning rates far apart: 2.0 wrecks the adapter within a few steps, 0.001-0.002 keep the tasks.
 # With run.seed 0 the search draws 2.0, 0.001, 2.0: the third trial meets ASHA's rung after a good
-# and a bad one have set it. 32 steps, not fewer: a trial's scores reach Tune with the training reports
-# after each checkpoint's scoring, which under a loaded CI lagged past step 16 of 24 in every trial.
+# and a bad one have set it. 32 steps, not fewer: a checkpoint's score reaches Tune only with a later
+# training report, and at 24 steps no trial's report carried one in a fresh-clone CI run.
 LRS = (0.002, 2.0, 0.001)
 SEARCH = ["train.max_steps=32", "train.checkpoint_every=8", "train.report_every=8", "train.num_workers=1",
           "eval.max_examples=16", "tune.num_samples=3", "tune.max_concurrent_trials=2", "tune.lr=null",
