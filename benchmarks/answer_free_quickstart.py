@@ -79,13 +79,17 @@ def write_ner(path: Path, n: int, seed: str) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def _config(work: Path):
+def _config(work: Path, packing: str = "concatenated"):
     from bioray.config import load
 
     write_ner(work / "ner_train.tsv", 480, "ner-train")
     write_ner(work / "ner_validation.tsv", 80, "ner-val")
+    # The base these measurements were made with (the quickstart's before 2026-12-03): 4 x 256, its
+    # pretraining texts run together (--packing isolated is what taught the quickstart's base to copy).
     cfg = load(ROOT / "configs" / "quickstart.yaml", [
         f"run.dir={work / 'run'}", f"data.cache_dir={work / 'cache'}", "model.tiny.pre_tokenizer=trailing_space",
+        "model.tiny.hidden_size=256", "model.tiny.num_layers=4", "model.tiny.pretrain_lr=2e-3",
+        f"model.tiny.pretrain_packing={packing}",
     ])
     ner = cfg.corpus.sources[0]
     ner.files = {"train": str(work / "ner_train.tsv"), "validation": str(work / "ner_validation.tsv")}
@@ -187,6 +191,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/answer-free", help="corpus, caches and bases go here")
     ap.add_argument("--pretrain", choices=["inputs", "twice"], default="twice")
     ap.add_argument("--pretrain-steps", type=int, default=500)
+    ap.add_argument("--packing", choices=["concatenated", "isolated"], default="concatenated",
+                    help="model.tiny.pretrain_packing of the base")
     ap.add_argument("--steps", type=int, default=160, help="LoRA steps")
     ap.add_argument("--every", type=int, default=80, help="score every this many steps")
     ap.add_argument("--rows", type=int, default=8, help="packed rows of data.max_seq_len tokens per step")
@@ -202,11 +208,11 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cfg = _config(work)
+    cfg = _config(work, args.packing)
     torch.set_num_threads(2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     corpus_dir = prepare(cfg)
-    base = work / f"base-{args.pretrain}-{args.pretrain_steps}"
+    base = work / f"base-{args.pretrain}-{args.pretrain_steps}-{args.packing}"
     seconds = None
     if not (base / "config.json").is_file():
         seconds = pretrain_base(cfg, corpus_dir, base, args.pretrain, args.pretrain_steps)

@@ -232,7 +232,7 @@ def build_tiny(cfg: Config, corpus_dir: Path) -> Path:
     texts = _corpus_texts(cfg, corpus_dir, manifest, what)
     # The tokenizer also learns the instructions' words (never an answer): trained on the inputs
     # alone it splits them into bytes, and the quickstart's prompts grew from 66 to 152 tokens.
-    vocab_texts = texts if what != "inputs" else _corpus_texts(cfg, corpus_dir, manifest, "prompts")
+    vocab_texts = texts if what in ("prompts", "records") else _corpus_texts(cfg, corpus_dir, manifest, "prompts")
     tmp = tempdirs.make(out.parent, TINY_TMP)
     try:
         tokenizer = _train_tokenizer(vocab_texts, cfg.model.tiny.vocab_size, cfg.model.tiny.pre_tokenizer)
@@ -253,9 +253,11 @@ def build_tiny(cfg: Config, corpus_dir: Path) -> Path:
 def _corpus_texts(cfg: Config, corpus_dir: Path, manifest: dict, what: Optional[str] = None) -> list[str]:
     """The train split's text the tiny base learns from: ``what`` (default ``model.tiny.pretrain_on``).
 
-    ``inputs`` and ``prompts`` hold no answer: a base pretrained on the answers already does the
-    task (every quickstart checkpoint scored 100.00 and the loss started at 0.013), so the scores
-    would show nothing fine-tuning did.
+    ``inputs``, ``twice`` and ``prompts`` hold no answer: a base pretrained on the answers already
+    does the task (every quickstart checkpoint scored 100.00 and the loss started at 0.013), so the
+    scores would show nothing fine-tuning did. ``twice`` writes each input, a line break and the
+    input again: the second copy is predictable only by copying, the skill an NER answer (the
+    input's words, one per line) needs and a base that only read sentences lacks (docs/real-data.md).
     """
     from bioray.corpus import read_records, render_prompt
 
@@ -265,8 +267,8 @@ def _corpus_texts(cfg: Config, corpus_dir: Path, manifest: dict, what: Optional[
         if "train" not in info["splits"]:
             continue
         for r in read_records(corpus_dir, source, "train"):
-            if what == "inputs":
-                texts.append(r["input"])
+            if what in ("inputs", "twice"):
+                texts.append(r["input"] if what == "inputs" else f"{r['input']}\n{r['input']}")
                 continue
             prompt = render_prompt(cfg.corpus.template, r["instruction"], r["input"])
             texts.append(prompt if what == "prompts" else prompt + r["output"])
@@ -338,28 +340,53 @@ def _init_tiny(cfg: Config, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def _restarting_positions(starts: list[int], n: int, seq: int):
+    """Position ids for ``n`` packed tokens cut into rows of ``seq``: 0 at every text's start and
+    at every row's start (a text cut by a row's end goes on as a fresh sequence)."""
+    import torch
+
+    first = torch.zeros(n, dtype=torch.bool)
+    first[torch.tensor([s for s in starts if s < n], dtype=torch.long)] = True
+    first[::seq] = True
+    index = torch.arange(n)
+    return (index - torch.cummax(torch.where(first, index, 0), 0).values).view(-1, seq)
+
+
 def _pretrain(model, tokenizer, texts: list[str], cfg: Config) -> None:
-    """Full-parameter causal-LM pretraining on the corpus text, packed into fixed-length rows."""
+    """Full-parameter causal-LM pretraining on the corpus text, packed into fixed-length rows.
+
+    With ``model.tiny.pretrain_packing: isolated`` each text's positions restart at 0, and
+    transformers then lets a token attend only to its own text (the block-diagonal mask
+    ``bioray.data.collate`` relies on too).
+    """
     import torch
 
     from bioray.optim import lr_schedule
 
     t = cfg.model.tiny
     ids: list[int] = []
+    starts: list[int] = []
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        starts.append(len(ids))
         ids += [tokenizer.bos_token_id, *enc, tokenizer.eos_token_id]
     seq = min(256, cfg.data.max_seq_len)
-    rows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    n = len(ids) // seq * seq
+    rows = torch.tensor(ids[:n]).view(-1, seq)
     if len(rows) == 0:
         raise ConfigError("model.name_or_path: tiny needs more corpus text than one sequence")
+    positions = None
+    if t.pretrain_packing == "isolated":
+        positions = _restarting_positions(starts, n, seq)
     opt = torch.optim.AdamW(model.parameters(), lr=t.pretrain_lr, weight_decay=0.01)
     sched = lr_schedule(opt, max(1, t.pretrain_steps // 20), t.pretrain_steps)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()
     start, last_log = time.time(), time.time()
     for step in range(t.pretrain_steps):
-        batch = rows[torch.randint(len(rows), (t.pretrain_batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        pick = torch.randint(len(rows), (t.pretrain_batch_size,), generator=gen)
+        batch = rows[pick]
+        extra = {} if positions is None else {"position_ids": positions[pick]}
+        loss = model(input_ids=batch, labels=batch, use_cache=False, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -185,7 +185,10 @@ CASES: dict[str, Case] = {
         "bioray: error: config key 'data.max_seq_len': expected an integer >= 16, got 8"),
     "pretrain-on": _set(
         "finetune", "a tiny base pretrained on text bioray does not know", "model.tiny.pretrain_on=answers",
-        "bioray: error: config key 'model.tiny.pretrain_on': expected inputs | prompts | records, got 'answers'"),
+        "bioray: error: config key 'model.tiny.pretrain_on': expected inputs | twice | prompts | records, got 'answers'"),
+    "pretrain-packing": _set(
+        "finetune", "tiny base pretraining rows packed in a way bioray does not know", "model.tiny.pretrain_packing=mixed",
+        "bioray: error: config key 'model.tiny.pretrain_packing': expected isolated | concatenated, got 'mixed'"),
     "pre-tokenizer": _set(
         "finetune", "a tiny base tokenizer bioray does not know", "model.tiny.pre_tokenizer=sentencepiece",
         "bioray: error: config key 'model.tiny.pre_tokenizer': expected bytelevel | words | trailing_space, got 'sentencepiece'"),

@@ -177,14 +177,40 @@ def test_tiny_base_text_holds_no_answer_unless_asked_and_every_held_out_record_i
     records = read_records(corpus, "ner", "train") + read_records(corpus, "nli", "train")
     answer_lines = {line for r in records for line in r["output"].splitlines()}
     assert any(" : B" in line for line in answer_lines) and "entailment" in answer_lines
-    for what in ("inputs", "prompts"):
+    for what in ("inputs", "twice", "prompts"):
         texts = _corpus_texts(cfg, corpus, manifest, what)
         assert len(texts) == len(records) == 960
         assert not [line for t in texts for line in t.splitlines() if line in answer_lines], what
     assert sorted(_corpus_texts(cfg, corpus, manifest)) == sorted(r["input"] for r in records)
+    assert sorted(_corpus_texts(cfg, corpus, manifest, "twice")) == sorted(f"{r['input']}\n{r['input']}" for r in records)
     full = _corpus_texts(cfg, corpus, manifest, "records")
     assert sum(line in answer_lines for t in full for line in t.splitlines()) > len(records)
     # eval.max_examples: null (configs/ner-real.yaml) scores every held-out record of every source.
     items = eval_items(cfg, corpus)
     assert len(items) == sum(i["splits"]["validation"]["records"] for i in manifest["sources"].values()) == 160
     assert len({i["id"] for i in items}) == 160
+
+
+def test_isolated_pretraining_rows_let_each_text_see_only_itself():
+    # model.tiny.pretrain_packing: isolated. Positions restart at each text and at each row, and
+    # transformers then keeps a text's attention inside it: the second text's logits in a packed row
+    # are its logits alone. Run together (concatenated), they are not.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bioray.model import _restarting_positions
+
+    assert _restarting_positions([0, 5, 9], 12, 6).tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 2]]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=64)).eval()
+    first, second = [1, 7, 8, 9, 2], [1, 9, 8, 7, 6, 2]
+    row = torch.tensor([first + second])
+    positions = _restarting_positions([0, len(first)], row.shape[1], row.shape[1])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
+        isolated = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(first):]
+        together = model(input_ids=row, use_cache=False).logits[0, len(first):]
+    assert torch.allclose(isolated, alone, atol=1e-5)
+    assert not torch.allclose(together, alone, atol=1e-3)

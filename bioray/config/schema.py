@@ -98,9 +98,11 @@ class TinyModelSection:
     num_heads: int = 4
     """Attention heads."""
     pretrain_on: str = "inputs"
-    """Train-split text pretraining reads: inputs (each record's input text) | prompts (instruction and input laid out by corpus.template) | records (prompt and answer). The tokenizer reads the prompts (the records with records). inputs and prompts never show an answer, so scores measure what fine-tuning taught; with records the base already does the task."""
+    """Train-split text pretraining reads: inputs (each record's input text) | twice (each input, a line break, the same input again: the second copy can only be predicted by copying, which grows the base the copying head an NER answer needs) | prompts (instruction and input laid out by corpus.template) | records (prompt and answer). The tokenizer reads the prompts (the records with records). inputs, twice and prompts never show an answer, so scores measure what fine-tuning taught; with records the base already does the task."""
     pre_tokenizer: str = "bytelevel"
     """How the tokenizer splits text before BPE: bytelevel (GPT-2's: the space before a word is part of it, so a word at a line's start is other tokens) | words (letters, digits, symbols and white space apart: a word is the same tokens wherever it stands, which NER answers, one word per line, need when the base never saw an answer; 21% more tokens on the real corpora) | trailing_space (as words, with the space after a word part of it: the same property at 25% fewer tokens than words; what configs/ner-real.yaml uses)."""
+    pretrain_packing: str = "isolated"
+    """How pretraining's 256-token rows hold its texts: isolated (each text attends to itself only, positions restarting at 0, as data.packing does for fine-tuning) | concatenated (texts run together and attend across each other; bases before 2026-12-03, and configs/ner-real.yaml, whose measurements were made with it). On a small vocabulary a word recurs in every text of a row, so a copying head cannot tell which earlier occurrence to copy from unless the texts are isolated."""
     pretrain_steps: int = 500
     """Full-parameter causal-LM steps on the corpus text before LoRA (random bases learn nothing)."""
     pretrain_batch_size: int = 8

@@ -37,7 +37,8 @@ FORMAT_TASK = {"iob": "ner", "re_masked": "re", "nli": "nli", "multilabel": "cls
 LR_SCHEDULERS = ("cosine_floor", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PRETRAIN_TEXTS = ("inputs", "prompts", "records")
+PRETRAIN_TEXTS = ("inputs", "twice", "prompts", "records")
+PRETRAIN_PACKINGS = ("isolated", "concatenated")
 PRE_TOKENIZERS = ("bytelevel", "words", "trailing_space")
 TUNE_SPACE_KINDS = ("choice", "uniform", "loguniform")
 # What eval.json reports per task (bioray.evaluate.metrics.score_source; a test keeps them equal):
@@ -222,6 +223,8 @@ def validate_model(m: ModelSection) -> None:
     _number("model.tiny.pretrain_lr", t.pretrain_lr, 0, "a positive learning rate", strict=True)
     if t.pretrain_on not in PRETRAIN_TEXTS:
         fail("model.tiny.pretrain_on", " | ".join(PRETRAIN_TEXTS), t.pretrain_on)
+    if t.pretrain_packing not in PRETRAIN_PACKINGS:
+        fail("model.tiny.pretrain_packing", " | ".join(PRETRAIN_PACKINGS), t.pretrain_packing)
     if t.pre_tokenizer not in PRE_TOKENIZERS:
         fail("model.tiny.pre_tokenizer", " | ".join(PRE_TOKENIZERS), t.pre_tokenizer)
     if m.revision is not None and (not m.revision.strip() or m.name_or_path == "tiny"):
