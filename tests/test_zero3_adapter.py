@@ -4,7 +4,8 @@ Marked ``gpu`` and skipped without CUDA (DeepSpeed's ZeRO-3 is a GPU path here).
 every parameter across ranks; an adapter saved without gathering them first comes out empty or
 partial (a known failure of LoRA under ZeRO-3 elsewhere). Three short quickstart runs with one
 seed, ZeRO-2, ZeRO-3 and ZeRO-3 with offload, each on every GPU here (up to two workers), must
-save adapters with every LoRA weight of every layer, at full shape, trained (B not zero), and
+save adapters with every LoRA weight of every layer (and the modules trained whole beside them,
+lora.modules_to_save), at full shape, trained (B not zero), and
 equal to ZeRO-2's after the same steps up to bf16 rounding (the stages reduce in different orders).
 """
 
@@ -40,8 +41,13 @@ def zero2(tmp_path_factory, cache_dir):
 def test_zero3_adapter_is_complete_and_equals_zero2(zero2, tmp_path_factory, cache_dir, offload):
     import yaml
 
-    layers = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["model"]["tiny"]["num_layers"]
-    assert len(zero2) == layers * len(TARGETS) * 2  # lora_A and lora_B of every target in every layer
+    quickstart = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    layers = quickstart["model"]["tiny"]["num_layers"]
+    lora = [name for name in zero2 if "lora_" in name]
+    assert len(lora) == layers * len(TARGETS) * 2  # lora_A and lora_B of every target in every layer
+    # lora.modules_to_save (the quickstart trains its embedding whole): saved too, gathered under ZeRO-3.
+    for module in quickstart["lora"].get("modules_to_save", []):
+        assert [name for name in zero2 if module in name and "lora_" not in name], module
     adapter = _adapter(tmp_path_factory, cache_dir, 3, offload)
     assert adapter.keys() == zero2.keys()
     for name, ref in zero2.items():
