@@ -103,11 +103,9 @@ def pretrain_base(cfg, corpus_dir: Path, out: Path, how: str, steps: int) -> flo
     from bioray.corpus import read_manifest
 
     manifest = read_manifest(corpus_dir)
-    texts = M._corpus_texts(cfg, corpus_dir, manifest, "inputs")
+    texts = M._corpus_texts(cfg, corpus_dir, manifest, how)  # bioray's pretrain_on: inputs or twice
     tok = M._train_tokenizer(M._corpus_texts(cfg, corpus_dir, manifest, "prompts"), cfg.model.tiny.vocab_size,
                              cfg.model.tiny.pre_tokenizer)
-    if how == "twice":
-        texts = [f"{t}\n{t}" for t in texts]
     cfg.model.tiny.pretrain_steps = steps
     model = M._init_tiny(cfg, tok)
     start = time.time()
